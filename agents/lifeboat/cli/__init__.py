@@ -1,0 +1,1 @@
+"""The `lifeboat` operator command."""

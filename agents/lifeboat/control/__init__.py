@@ -1,0 +1,1 @@
+"""Configuration-server role (registration, policies, catalog API, plans): see issue 5."""

@@ -1,0 +1,1 @@
+"""Formats, crypto, compression, config, errors, logging and metrics shared by every daemon."""

@@ -1,0 +1,45 @@
+"""Recovery-point catalog entry: which log position a bookmark is, per disk."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .errors import IntegrityError
+
+POINT_ENTRY_VERSION = 1
+CONSISTENCY_KINDS = ("app", "crash", "none")
+
+
+@dataclass(frozen=True)
+class PointEntry:
+    point_id: str
+    machine: str
+    disk_id: str
+    seq: int            # segment holding the bookmark
+    frame_index: int    # bookmark frame's index within that segment
+    disk_size: int
+    created: float      # unix seconds, agent clock, when the point's data was captured
+    consistency: str    # "app" | "crash" | "none" (not consistent: nothing quiesced the disk)
+    cycle: int
+    block_size: int
+    image_digest: str   # xxh3-128 over the ordered per-block digests of the image at the point
+    version: int = POINT_ENTRY_VERSION
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, name: str, body: dict) -> "PointEntry":
+        if body.get("version") != POINT_ENTRY_VERSION:
+            raise IntegrityError(name, f"catalog entry version {body.get('version')!r} is not supported")
+        try:
+            entry = cls(**{f.name: body[f.name] for f in fields(cls)})
+        except (KeyError, TypeError) as exc:
+            raise IntegrityError(name, f"catalog entry lacks a field: {exc}") from None
+        if entry.consistency not in CONSISTENCY_KINDS:
+            raise IntegrityError(name, f"unknown consistency {entry.consistency!r}")
+        return entry
+
+
+def point_object_name(disk_id: str, point_id: str) -> str:
+    return f"points/{disk_id}/{point_id}"

@@ -1,0 +1,283 @@
+"""Typed daemon configuration: one schema per daemon, TOML files, errors that name the key path.
+
+Defaults live here and only here; `lifeboat config-sample <daemon>` renders the schema into the
+sample files under config/ (a test keeps them identical).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import MISSING, dataclass, field
+
+from .errors import ConfigError
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+def opt(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def req(help: str, example, **kw):
+    return field(metadata={"help": help, "example": example, **kw})
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    level: str = opt("info", "debug, info, warning or error", choices=("debug", "info", "warning", "error"))
+    format: str = opt("auto", "auto (console on a TTY, else key=value), kv or json", choices=("auto", "kv", "json"))
+
+
+@dataclass(kw_only=True)
+class MetricsConfig:
+    host: str = opt("127.0.0.1", "address of the /metrics and /healthz listener")
+    port: int = opt(9461, "port of the /metrics and /healthz listener (0 = any free port)")
+
+
+@dataclass(kw_only=True)
+class RepositoryConfig:
+    url: str = req("repository location: a directory path (local:/path or /path) or azure://<container>",
+                   "local:/var/lib/lifeboat/repository")
+    key_file: str = opt("", "key file that unlocks the repository (created by 'lifeboat init')")
+    passphrase_file: str = opt("", "file holding a passphrase that unlocks the repository (instead of key_file)")
+    azure_connection_string_file: str = opt("", "file holding the Azure Storage connection string (azure:// only)")
+
+
+@dataclass(kw_only=True)
+class IngestConfig:
+    host: str = opt("0.0.0.0", "address of the HTTPS data listener")
+    port: int = opt(9443, "HTTPS data port (agents send batches here)")
+    tls_cert: str = req("server certificate (PEM), signed by the CA from 'lifeboat init'", "/etc/lifeboat/tls/server.pem")
+    tls_key: str = req("server private key (PEM)", "/etc/lifeboat/tls/server.key")
+    agent_token_file: str = req("file holding the bearer token agents present", "/etc/lifeboat/agent.token")
+    max_batch_bytes: int = opt(64 * MiB, "largest batch body accepted; larger requests get 413")
+
+
+@dataclass(kw_only=True)
+class CacheConfig:
+    dir: str = req("directory of the on-disk batch cache", "/var/lib/lifeboat/cache")
+    max_bytes: int = opt(8 * GiB, "cache capacity in bytes")
+    high_water_ratio: float = opt(0.8, "above this fill ratio senders get 503 + Retry-After (the reference throttles below 20% free)")
+    retry_after_seconds: int = opt(5, "Retry-After value sent with 503")
+
+
+@dataclass(kw_only=True)
+class UploadConfig:
+    threads: int = opt(2, "threads for zstd + AEAD work (zstandard and libsodium release the GIL)")
+    retry_max_seconds: float = opt(60.0, "cap of the exponential backoff between failed uploads")
+
+
+@dataclass(kw_only=True)
+class ProcessServerConfig:
+    ingest: IngestConfig = req("HTTPS data listener", None)
+    cache: CacheConfig = req("on-disk batch cache", None)
+    repository: RepositoryConfig = req("where segments and points are stored", None)
+    upload: UploadConfig = opt(None, "upload pipeline")
+    metrics: MetricsConfig = opt(None, "metrics listener", default_port=9462)
+    log: LogConfig = opt(None, "logging")
+
+
+@dataclass(kw_only=True)
+class DiskConfig:
+    id: str = req("disk name, unique on this machine ([a-z0-9._-])", "sda")
+    path: str = req("block device or image file to protect", "/dev/sda")
+
+
+@dataclass(kw_only=True)
+class ProcessServerLink:
+    url: str = req("process server data URL", "https://ps.example:9443")
+    ca_cert: str = req("CA certificate that signed the process server's certificate", "/etc/lifeboat/tls/ca.pem")
+    token_file: str = req("file holding the agent bearer token", "/etc/lifeboat/agent.token")
+    timeout_seconds: float = opt(120.0, "per-request timeout")
+    retry_max_seconds: float = opt(30.0, "cap of the exponential backoff between resends")
+
+
+@dataclass(kw_only=True)
+class ReplicationConfig:
+    interval_seconds: float = opt(300.0, "seconds between cycles (the reference's crash-consistent interval is 5 min)")
+    block_size: int = opt(64 * 1024, "digest tracker block size in bytes (power of two, 4 KiB .. 4 MiB)")
+    batch_bytes: int = opt(16 * MiB, "payload bytes per batch")
+    extent_max_bytes: int = opt(1 * MiB, "largest write frame (adjacent changed blocks are merged up to this)")
+
+
+@dataclass(kw_only=True)
+class ConsistencyConfig:
+    pre_script: str = opt("", "run before a cycle reads the disks (e.g. pause writers); empty = none")
+    post_script: str = opt("", "run after the cycle's reads (e.g. resume writers)")
+    script_timeout_seconds: float = opt(60.0, "a script running longer is killed and the point is not consistent")
+
+
+@dataclass(kw_only=True)
+class MobilityConfig:
+    machine: str = req("this machine's name ([a-z0-9._-])", "web01")
+    state_dir: str = req("agent state (digest maps, sequence numbers)", "/var/lib/lifeboat/mobility")
+    process_server: ProcessServerLink = req("where batches go", None)
+    disks: list[DiskConfig] = req("disks to protect", None)
+    replication: ReplicationConfig = opt(None, "cycles")
+    consistency: ConsistencyConfig = opt(None, "quiescing scripts around each cycle's reads")
+    metrics: MetricsConfig = opt(None, "metrics listener", default_port=9461)
+    log: LogConfig = opt(None, "logging")
+
+
+@dataclass(kw_only=True)
+class MasterTargetConfig:
+    state_dir: str = opt("/var/lib/lifeboat/master-target", "master target state")
+    metrics: MetricsConfig = opt(None, "metrics listener", default_port=9463)
+    log: LogConfig = opt(None, "logging")
+
+
+def _inner(tp):
+    origin = typing.get_origin(tp)
+    if origin in (list,):
+        return list, typing.get_args(tp)[0]
+    return tp, None
+
+
+def build(cls, data: object, path: str = ""):
+    """Build dataclass `cls` from parsed TOML, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(path or "<root>", f"expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{path}.{key}".lstrip("."), f"unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, f in known.items():
+        p = f"{path}.{name}".lstrip(".")
+        tp, item = _inner(hints[name])
+        if name not in data:
+            if dataclasses.is_dataclass(tp) and f.default is None:
+                obj = tp()
+                if "default_port" in f.metadata:
+                    obj.port = f.metadata["default_port"]
+                kwargs[name] = obj
+                continue
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ConfigError(p, f"required key is missing ({f.metadata.get('help', '')})")
+            continue
+        value = data[name]
+        if dataclasses.is_dataclass(tp):
+            obj = build(tp, value, p)
+            if "default_port" in f.metadata and "port" not in value:
+                obj.port = f.metadata["default_port"]
+            kwargs[name] = obj
+        elif tp is list:
+            if not isinstance(value, list) or not value:
+                raise ConfigError(p, "expected a non-empty array of tables")
+            kwargs[name] = [build(item, v, f"{p}[{i}]") for i, v in enumerate(value)]
+        else:
+            kwargs[name] = _scalar(tp, value, p, f.metadata.get("choices"))
+    return cls(**kwargs)
+
+
+def _scalar(tp, value, path, choices):
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(path, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    if choices and value not in choices:
+        raise ConfigError(path, f"{value!r} is not one of {', '.join(choices)}")
+    if tp in (int, float) and value < 0:
+        raise ConfigError(path, f"must not be negative, got {value}")
+    return value
+
+
+def load(cls, path: str):
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "configuration file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, f"not valid TOML: {exc}") from None
+    cfg = build(cls, data)
+    check = getattr(cfg, "validate", None) or _VALIDATORS.get(cls)
+    if check:
+        check(cfg)
+    return cfg
+
+
+def _validate_mobility(cfg: MobilityConfig) -> None:
+    from .wire import DISK_ID_RE
+
+    if not DISK_ID_RE.match(cfg.machine) or "." in cfg.machine or len(cfg.machine) > 32:
+        raise ConfigError("machine", f"{cfg.machine!r} must be 1-32 lower-case letters, digits, '_' or '-'")
+    seen = set()
+    for i, d in enumerate(cfg.disks):
+        if not DISK_ID_RE.match(f"{cfg.machine}.{d.id}") or "." in d.id:
+            raise ConfigError(f"disks[{i}].id", f"{d.id!r} must be lower-case letters, digits, '_' or '-'")
+        if d.id in seen:
+            raise ConfigError(f"disks[{i}].id", f"disk {d.id!r} is listed twice")
+        seen.add(d.id)
+    bs = cfg.replication.block_size
+    if bs & (bs - 1) or not 4096 <= bs <= 4 * MiB:
+        raise ConfigError("replication.block_size", f"{bs} is not a power of two between 4096 and 4194304")
+    if cfg.replication.extent_max_bytes % bs or cfg.replication.extent_max_bytes > 4 * MiB:
+        raise ConfigError("replication.extent_max_bytes", "must be a multiple of block_size and at most 4 MiB")
+    if cfg.replication.batch_bytes < cfg.replication.extent_max_bytes:
+        raise ConfigError("replication.batch_bytes", "must be at least extent_max_bytes")
+
+
+def _validate_ps(cfg: ProcessServerConfig) -> None:
+    if not 0 < cfg.cache.high_water_ratio <= 1:
+        raise ConfigError("cache.high_water_ratio", f"{cfg.cache.high_water_ratio} is not in (0, 1]")
+    if cfg.cache.max_bytes < 2 * cfg.ingest.max_batch_bytes:
+        raise ConfigError("cache.max_bytes", "must hold at least two batches of ingest.max_batch_bytes")
+    if not (cfg.repository.key_file or cfg.repository.passphrase_file):
+        raise ConfigError("repository.key_file", "set key_file or passphrase_file to unlock the repository")
+
+
+_VALIDATORS = {MobilityConfig: _validate_mobility, ProcessServerConfig: _validate_ps}
+
+
+def sample(cls, indent: str = "", prefix: str = "") -> str:
+    """Render a commented sample TOML file from the schema."""
+    lines: list[str] = []
+    tables: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, item = _inner(hints[f.name])
+        help_ = f.metadata.get("help", "")
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            body = sample(tp, prefix=f"")
+            if "default_port" in f.metadata:
+                body = body.replace(f"port = {MetricsConfig.port}", f"port = {f.metadata['default_port']}")
+            tables.append(f"# {help_}\n[{key}]\n{body}")
+        elif tp is list:
+            tables.append(f"# {help_}\n[[{key}]]\n{sample(item)}")
+        else:
+            required = f.default is MISSING and f.default_factory is MISSING
+            value = f.metadata["example"] if required else f.default
+            lines.append(f"# {help_}{' (required)' if required else ''}")
+            lines.append(f"{'' if required else '# '}{f.name} = {_toml(value)}")
+    return "\n".join(lines + ([""] if lines and tables else []) + ["\n".join(tables)]).rstrip() + "\n"
+
+
+def _toml(v) -> str:
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return repr(v)
+
+
+SCHEMAS = {"process-server": ProcessServerConfig, "mobility": MobilityConfig, "master-target": MasterTargetConfig}
+
+
+def resolve_credential(path: str) -> str:
+    """'%d/name' means a file in systemd's $CREDENTIALS_DIRECTORY (LoadCredential=)."""
+    if path.startswith("%d/"):
+        base = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not base:
+            raise ConfigError(path, "refers to $CREDENTIALS_DIRECTORY, which is not set (use LoadCredential=)")
+        return os.path.join(base, path[3:])
+    return path

@@ -1,0 +1,253 @@
+"""Agent → process-server batch format: a header, then checksummed write/zero/bookmark frames.
+
+Specified in FORMATS.md ("Batch"). The parser is incremental so that the process server can
+verify a body while streaming it to its cache without holding it in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from typing import Iterator
+
+import xxhash
+
+from .errors import FrameError
+
+BATCH_MAGIC = b"LBWB"
+BATCH_VERSION = 1
+# magic, version, flags, disk_id_len, seq, disk_size, frame_count, reserved
+BATCH_HEADER = struct.Struct("<4sBBHQQII")
+BATCH_HEADER_CHECKSUM = struct.Struct("<Q")
+# type, flags, reserved, payload_len, offset, length
+FRAME_HEADER = struct.Struct("<BBHIQQ")
+FRAME_CHECKSUM = struct.Struct("<Q")
+
+FRAME_WRITE = 1
+FRAME_ZERO = 2
+FRAME_BOOKMARK = 3
+FRAME_TYPES = {FRAME_WRITE: "write", FRAME_ZERO: "zero", FRAME_BOOKMARK: "bookmark"}
+
+SECTOR_BYTES = 512
+MAX_DISK_ID_BYTES = 64
+MAX_FRAME_PAYLOAD_BYTES = 4 * 1024 * 1024
+MAX_BOOKMARK_BYTES = 64 * 1024
+MAX_FRAMES_PER_BATCH = 65536
+
+DISK_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def validate_disk_id(disk_id: str) -> str:
+    if not DISK_ID_RE.match(disk_id):
+        raise FrameError(
+            "header", f"disk id {disk_id!r} must match {DISK_ID_RE.pattern} (lower-case letters, digits, '.', '_', '-')"
+        )
+    return disk_id
+
+
+def frame_checksum(header: bytes, payload: bytes | memoryview, index: int) -> int:
+    # Seeding with the frame index makes a frame moved to another position fail its check.
+    h = xxhash.xxh3_64(seed=index)
+    h.update(header)
+    h.update(payload)
+    return h.intdigest()
+
+
+@dataclass(frozen=True)
+class BatchHeader:
+    disk_id: str
+    seq: int
+    disk_size: int
+    frame_count: int
+
+    def encode(self) -> bytes:
+        did = self.disk_id.encode()
+        head = BATCH_HEADER.pack(BATCH_MAGIC, BATCH_VERSION, 0, len(did), self.seq, self.disk_size, self.frame_count, 0)
+        body = head + did
+        return body + BATCH_HEADER_CHECKSUM.pack(xxhash.xxh3_64_intdigest(body))
+
+
+@dataclass(frozen=True)
+class Frame:
+    kind: int
+    offset: int
+    length: int
+    payload: bytes | memoryview = b""
+
+    def bookmark(self) -> dict:
+        return json.loads(bytes(self.payload))
+
+
+def encode_frame(index: int, kind: int, offset: int, length: int, payload: bytes | memoryview = b"") -> list:
+    """Return the frame as buffers (header, payload, checksum) to avoid copying the payload."""
+    header = FRAME_HEADER.pack(kind, 0, 0, len(payload), offset, length)
+    return [header, payload, FRAME_CHECKSUM.pack(frame_checksum(header, payload, index))]
+
+
+class BatchBuilder:
+    """Collects frames for one batch; `parts()` gives the body as a list of buffers."""
+
+    def __init__(self, disk_id: str, seq: int, disk_size: int) -> None:
+        self.disk_id = validate_disk_id(disk_id)
+        self.seq = seq
+        self.disk_size = disk_size
+        self._frames: list = []
+        self.frame_count = 0
+        self.payload_bytes = 0
+        self.body_bytes = 0
+
+    def _add(self, kind: int, offset: int, length: int, payload: bytes | memoryview = b"") -> None:
+        parts = encode_frame(self.frame_count, kind, offset, length, payload)
+        self._frames.extend(parts)
+        self.frame_count += 1
+        self.payload_bytes += len(payload)
+        self.body_bytes += sum(len(p) for p in parts)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._add(FRAME_WRITE, offset, len(data), data)
+
+    def zero(self, offset: int, length: int) -> None:
+        self._add(FRAME_ZERO, offset, length)
+
+    def bookmark(self, point: dict) -> None:
+        payload = json.dumps(point, sort_keys=True, separators=(",", ":")).encode()
+        if len(payload) > MAX_BOOKMARK_BYTES:
+            raise FrameError(self.frame_count, f"bookmark of {len(payload)} bytes exceeds {MAX_BOOKMARK_BYTES}")
+        self._add(FRAME_BOOKMARK, 0, 0, payload)
+
+    def parts(self) -> list:
+        header = BatchHeader(self.disk_id, self.seq, self.disk_size, self.frame_count).encode()
+        return [header, *self._frames]
+
+    def to_bytes(self) -> bytes:
+        return b"".join(bytes(p) if isinstance(p, memoryview) else p for p in self.parts())
+
+
+class BatchParser:
+    """Incremental, bounded parser: feed() chunks, get verified frames back, then finish().
+
+    Validation order per record (STYLE.md 3): size → magic → version → declared lengths within
+    bounds → checksum; nothing larger than one frame is ever buffered.
+    """
+
+    def __init__(self, expected_disk_id: str | None = None, expected_seq: int | None = None,
+                 max_payload: int = MAX_FRAME_PAYLOAD_BYTES) -> None:
+        self.expected_disk_id = expected_disk_id
+        self.expected_seq = expected_seq
+        self.max_payload = max_payload
+        self.header: BatchHeader | None = None
+        self._buf = bytearray()
+        self._index = 0
+        self.bytes_seen = 0
+
+    def feed(self, chunk: bytes | memoryview) -> list[Frame]:
+        self._buf += chunk
+        self.bytes_seen += len(chunk)
+        frames: list[Frame] = []
+        while True:
+            if self.header is None:
+                if not self._parse_header():
+                    return frames
+                continue
+            if self._index >= self.header.frame_count:
+                if self._buf:
+                    raise FrameError(self._index, f"{len(self._buf)} trailing bytes after the last declared frame")
+                return frames
+            frame = self._parse_frame()
+            if frame is None:
+                return frames
+            frames.append(frame)
+
+    def _parse_header(self) -> bool:
+        fixed = BATCH_HEADER.size
+        if len(self._buf) < fixed:
+            return False
+        magic, version, _flags, id_len, seq, disk_size, frame_count, _res = BATCH_HEADER.unpack_from(self._buf)
+        if magic != BATCH_MAGIC:
+            raise FrameError("header", f"magic {magic!r} is not {BATCH_MAGIC!r}: not a Lifeboat batch")
+        if version != BATCH_VERSION:
+            raise FrameError("header", f"batch version {version} is not supported (this server speaks {BATCH_VERSION})")
+        if not 0 < id_len <= MAX_DISK_ID_BYTES:
+            raise FrameError("header", f"disk id length {id_len} outside 1..{MAX_DISK_ID_BYTES}")
+        if frame_count > MAX_FRAMES_PER_BATCH:
+            raise FrameError("header", f"frame count {frame_count} exceeds {MAX_FRAMES_PER_BATCH}")
+        if disk_size % SECTOR_BYTES:
+            raise FrameError("header", f"disk size {disk_size} is not a multiple of {SECTOR_BYTES}")
+        total = fixed + id_len + BATCH_HEADER_CHECKSUM.size
+        if len(self._buf) < total:
+            return False
+        (checksum,) = BATCH_HEADER_CHECKSUM.unpack_from(self._buf, fixed + id_len)
+        if checksum != xxhash.xxh3_64_intdigest(bytes(self._buf[: fixed + id_len])):
+            raise FrameError("header", "header checksum mismatch")
+        try:
+            disk_id = validate_disk_id(bytes(self._buf[fixed: fixed + id_len]).decode())
+        except UnicodeDecodeError:
+            raise FrameError("header", "disk id is not UTF-8") from None
+        if self.expected_disk_id is not None and disk_id != self.expected_disk_id:
+            raise FrameError("header", f"batch is for disk {disk_id!r}, URL says {self.expected_disk_id!r}")
+        if self.expected_seq is not None and seq != self.expected_seq:
+            raise FrameError("header", f"batch has sequence {seq}, URL says {self.expected_seq}")
+        self.header = BatchHeader(disk_id, seq, disk_size, frame_count)
+        del self._buf[:total]
+        return True
+
+    def _parse_frame(self) -> Frame | None:
+        fh = FRAME_HEADER.size
+        if len(self._buf) < fh:
+            return None
+        kind, _flags, _res, payload_len, offset, length = FRAME_HEADER.unpack_from(self._buf)
+        idx = self._index
+        if kind not in FRAME_TYPES:
+            raise FrameError(idx, f"unknown frame type {kind}")
+        limit = MAX_BOOKMARK_BYTES if kind == FRAME_BOOKMARK else self.max_payload
+        if payload_len > limit:
+            raise FrameError(idx, f"payload of {payload_len} bytes exceeds the limit of {limit}")
+        if kind == FRAME_WRITE and payload_len != length:
+            raise FrameError(idx, f"write frame length {length} differs from its payload length {payload_len}")
+        if kind == FRAME_ZERO and payload_len:
+            raise FrameError(idx, "zero frame carries a payload")
+        if kind in (FRAME_WRITE, FRAME_ZERO):
+            assert self.header is not None
+            if offset % SECTOR_BYTES or length % SECTOR_BYTES or length == 0:
+                raise FrameError(idx, f"extent {offset}+{length} is not a non-empty multiple of {SECTOR_BYTES}-byte sectors")
+            if offset + length > self.header.disk_size:
+                raise FrameError(idx, f"extent {offset}+{length} ends past the disk size {self.header.disk_size}")
+        total = fh + payload_len + FRAME_CHECKSUM.size
+        if len(self._buf) < total:
+            return None
+        header = bytes(self._buf[:fh])
+        payload = bytes(self._buf[fh: fh + payload_len])
+        (checksum,) = FRAME_CHECKSUM.unpack_from(self._buf, fh + payload_len)
+        if checksum != frame_checksum(header, payload, idx):
+            raise FrameError(idx, "checksum mismatch (data corrupted in transit or on disk)")
+        if kind == FRAME_BOOKMARK:
+            try:
+                point = json.loads(payload)
+                if not isinstance(point, dict) or not isinstance(point.get("point_id"), str):
+                    raise ValueError("not an object with a point_id")
+            except ValueError as exc:
+                raise FrameError(idx, f"bookmark payload is not valid point JSON: {exc}") from None
+        del self._buf[:total]
+        self._index += 1
+        return Frame(kind, offset, length, payload)
+
+    def finish(self) -> BatchHeader:
+        if self.header is None:
+            raise FrameError("header", f"batch truncated: {self.bytes_seen} bytes, header incomplete")
+        if self._index != self.header.frame_count or self._buf:
+            raise FrameError(
+                self._index, f"batch truncated: {self._index} of {self.header.frame_count} frames complete"
+            )
+        return self.header
+
+
+def parse_batch(data: bytes | memoryview, **kw) -> tuple[BatchHeader, list[Frame]]:
+    parser = BatchParser(**kw)
+    frames = parser.feed(data)
+    return parser.finish(), frames
+
+
+def iter_batch(data: bytes | memoryview, **kw) -> Iterator[Frame]:
+    yield from parse_batch(data, **kw)[1]

@@ -1,0 +1,1 @@
+"""Master target: on-prem failback receiver (health and metrics only for now)."""

@@ -1,0 +1,1 @@
+"""Repository: storage backends, the repository object layer, materializer and verifier."""
