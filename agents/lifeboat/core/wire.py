@@ -37,6 +37,10 @@ MAX_BOOKMARK_BYTES = 64 * 1024
 MAX_FRAMES_PER_BATCH = 65536
 
 DISK_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+POINT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Bookmark JSON fields and their types; all are required (see FORMATS.md, "Bookmark").
+BOOKMARK_FIELDS = {"point_id": str, "machine": str, "created": (int, float), "consistency": str,
+                   "cycle": int, "block_size": int, "image_digest": str}
 
 
 def validate_disk_id(disk_id: str) -> str:
@@ -45,6 +49,19 @@ def validate_disk_id(disk_id: str) -> str:
             "header", f"disk id {disk_id!r} must match {DISK_ID_RE.pattern} (lower-case letters, digits, '.', '_', '-')"
         )
     return disk_id
+
+
+def validate_bookmark(point: object) -> dict:
+    if not isinstance(point, dict):
+        raise ValueError("not a JSON object")
+    for name, typ in BOOKMARK_FIELDS.items():
+        if not isinstance(point.get(name), typ) or isinstance(point.get(name), bool):
+            raise ValueError(f"field {name!r} is missing or not {getattr(typ, '__name__', 'a number')}")
+    if not POINT_ID_RE.match(point["point_id"]):
+        raise ValueError(f"point_id {point['point_id']!r} must match {POINT_ID_RE.pattern}")
+    if point["consistency"] not in ("app", "crash", "none"):
+        raise ValueError(f"consistency {point['consistency']!r} is not app, crash or none")
+    return point
 
 
 def frame_checksum(header: bytes, payload: bytes | memoryview, index: int) -> int:
@@ -112,6 +129,7 @@ class BatchBuilder:
         self._add(FRAME_ZERO, offset, length)
 
     def bookmark(self, point: dict) -> None:
+        validate_bookmark(point)
         payload = json.dumps(point, sort_keys=True, separators=(",", ":")).encode()
         if len(payload) > MAX_BOOKMARK_BYTES:
             raise FrameError(self.frame_count, f"bookmark of {len(payload)} bytes exceeds {MAX_BOOKMARK_BYTES}")
@@ -224,9 +242,7 @@ class BatchParser:
             raise FrameError(idx, "checksum mismatch (data corrupted in transit or on disk)")
         if kind == FRAME_BOOKMARK:
             try:
-                point = json.loads(payload)
-                if not isinstance(point, dict) or not isinstance(point.get("point_id"), str):
-                    raise ValueError("not an object with a point_id")
+                validate_bookmark(json.loads(payload))
             except ValueError as exc:
                 raise FrameError(idx, f"bookmark payload is not valid point JSON: {exc}") from None
         del self._buf[:total]

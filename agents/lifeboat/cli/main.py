@@ -1,0 +1,205 @@
+"""`lifeboat`: initialise, list points, fail over (test), verify the repository."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import time
+
+from .. import __version__
+from ..core import config as cfgmod
+from ..core import keys, tls
+from ..core.errors import LifeboatError
+from ..repository.materialize import materialize
+from ..repository.open import backend_from_url
+from ..repository.repo import Repository
+from ..repository.verify import verify_repository
+from .points import machine_points, resolve
+from .repo_args import add_repo_args, open_from_args
+
+
+def _progress(label: str):
+    tty = sys.stderr.isatty()
+    last = [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done != total and now - last[0] < 0.5:
+            return
+        last[0] = now
+        width = 30
+        fill = int(width * done / max(total, 1))
+        line = f"{label} [{'#' * fill}{'.' * (width - fill)}] {done}/{total}"
+        print(("\r" + line) if tty else line, end="" if tty and done != total else "\n", file=sys.stderr, flush=True)
+
+    return show
+
+
+async def cmd_init(args) -> int:
+    d = os.path.abspath(args.dir)
+    os.makedirs(d, exist_ok=True)
+    tls_dir = os.path.join(d, "tls")
+    if os.path.exists(os.path.join(tls_dir, "ca.pem")):
+        raise LifeboatError(f"{tls_dir}/ca.pem exists: {d} is already initialised")
+    ca_pem, ca_key = tls.create_ca(tls_dir)
+    hosts = [h for h in args.hosts.split(",") if h]
+    tls.issue_server_cert(ca_pem, ca_key, tls_dir, "server", hosts)
+    token_path = os.path.join(d, "agent.token")
+    fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+    repo_url = args.repo or f"local:{os.path.join(d, 'repository')}"
+    if args.passphrase_file:
+        with open(args.passphrase_file) as f:
+            unlocker = keys.Unlocker.from_passphrase(f.read().strip())
+        key_path = ""
+    else:
+        key_path = os.path.join(d, "repository.key")
+        unlocker = keys.write_key_file(key_path)
+    conn = None
+    if args.azure_connection_string_file:
+        with open(args.azure_connection_string_file) as f:
+            conn = f.read().strip()
+    backend = backend_from_url(repo_url, conn)
+    try:
+        repo = await Repository.init(backend, unlocker)
+    finally:
+        await backend.close()
+    print(json.dumps({"ca_cert": ca_pem, "server_cert": os.path.join(tls_dir, "server.pem"),
+                      "server_key": os.path.join(tls_dir, "server.key"), "agent_token": token_path,
+                      "repository": repo_url, "repository_id": repo.id, "key_file": key_path or None}, indent=2))
+    return 0
+
+
+async def cmd_points(args) -> int:
+    repo = await open_from_args(args)
+    try:
+        points = machine_points(await repo.list_points())
+    finally:
+        await repo.backend.close()
+    if args.machine:
+        points = [p for p in points if p.machine == args.machine]
+    if args.json:
+        print(json.dumps([{"point_id": p.point_id, "machine": p.machine, "created": p.created,
+                           "consistency": p.consistency, "complete": p.complete,
+                           "disks": {d: {"seq": e.seq, "disk_size": e.disk_size, "image_digest": e.image_digest}
+                                     for d, e in sorted(p.disks.items())}} for p in points], indent=2))
+        return 0
+    print(f"{'POINT':<40} {'MACHINE':<16} {'CREATED (UTC)':<20} {'CONSISTENCY':<11} DISKS")
+    for p in points:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p.created))
+        disks = ",".join(sorted(d.split(".", 1)[1] for d in p.disks)) + ("" if p.complete else " (incomplete)")
+        print(f"{p.point_id:<40} {p.machine:<16} {created:<20} {p.consistency:<11} {disks}")
+    return 0
+
+
+async def cmd_failover(args) -> int:
+    if not args.test:
+        raise LifeboatError("only test failover (--test) is available in this release; production failover "
+                            "to Azure comes with the configuration-server role")
+    repo = await open_from_args(args)
+    try:
+        point = resolve(machine_points(await repo.list_points()), args.point, args.machine)
+        disks = sorted(point.disks)
+        if args.disk:
+            wanted = f"{point.machine}.{args.disk}"
+            if wanted not in point.disks:
+                raise LifeboatError(f"point {point.point_id} has no disk {args.disk!r} (it has "
+                                    f"{', '.join(d.split('.', 1)[1] for d in disks)})")
+            disks = [wanted]
+        if len(disks) == 1 and not os.path.isdir(args.to):
+            targets = {disks[0]: args.to}
+        else:
+            os.makedirs(args.to, exist_ok=True)
+            targets = {d: os.path.join(args.to, f"{d}.img") for d in disks}
+        results = []
+        for disk, target in targets.items():
+            res = await materialize(repo, point.disks[disk], target, args.overwrite,
+                                    None if args.quiet else _progress(f"{disk} segments"))
+            results.append(res)
+    finally:
+        await repo.backend.close()
+    for r in results:
+        print(json.dumps({"point_id": r.point_id, "disk_id": r.disk_id, "path": r.path, "segments": r.segments,
+                          "image_digest": r.image_digest, "verified": True}))
+    return 0
+
+
+async def cmd_verify(args) -> int:
+    repo = await open_from_args(args)
+    try:
+        report = await verify_repository(repo, None if args.quiet else _progress("objects"))
+    finally:
+        await repo.backend.close()
+    for name, what in report.problems:
+        print(f"DAMAGED {name}: {what}")
+    print(f"checked {report.checked} objects, {report.bytes} segment bytes, {len(report.problems)} problems")
+    if report.problems:
+        print(f"first damaged object: {report.problems[0][0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def cmd_config_sample(args) -> int:
+    sys.stdout.write(cfgmod.sample(cfgmod.SCHEMAS[args.daemon]))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lifeboat", description="Lifeboat disaster recovery: operator command.")
+    ap.add_argument("--version", action="version", version=f"lifeboat {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="create the CA, server certificate, agent token, repository and its key")
+    p.add_argument("--dir", required=True, help="where to put tls/, agent.token and repository.key")
+    p.add_argument("--repo", help="repository URL (default local:<dir>/repository)")
+    p.add_argument("--hosts", default="localhost,127.0.0.1", help="names/IPs for the server certificate")
+    p.add_argument("--passphrase-file", help="wrap the repository key with this passphrase (Argon2id) instead of a key file")
+    p.add_argument("--azure-connection-string-file", help="for azure:// repositories")
+    p.set_defaults(fn=cmd_init)
+
+    p = sub.add_parser("points", help="list recovery points")
+    add_repo_args(p)
+    p.add_argument("--machine")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_points)
+
+    p = sub.add_parser("failover", help="materialise a machine's disks at a recovery point")
+    add_repo_args(p)
+    p.add_argument("--test", action="store_true", help="test failover: write to an isolated target, replication continues")
+    p.add_argument("--point", default="latest", help="point id, latest, latest-crash or latest-app")
+    p.add_argument("--machine")
+    p.add_argument("--disk", help="only this disk (as named in the agent config)")
+    p.add_argument("--to", required=True, help="image file (one disk) or directory (one <disk-id>.img per disk)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing image file")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(fn=cmd_failover)
+
+    p = sub.add_parser("verify", help="read and authenticate every repository object")
+    add_repo_args(p)
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(fn=cmd_verify)
+
+    p = sub.add_parser("config-sample", help="print a sample configuration generated from the schema")
+    p.add_argument("daemon", choices=sorted(cfgmod.SCHEMAS))
+    p.set_defaults(fn=cmd_config_sample)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return asyncio.run(args.fn(args))
+    except LifeboatError as exc:
+        print(f"lifeboat {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""`lifeboat-master-target`: failback receiver; this release only serves /healthz and /metrics."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from .. import __version__
+from ..core import config as cfgmod
+from ..core import logging as log
+from ..core import sd_notify
+from ..core.errors import LifeboatError
+from ..core.runtime import run, start_metrics_server
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lifeboat-master-target", description=__doc__)
+    ap.add_argument("-c", "--config", default="/etc/lifeboat/master-target.toml")
+    ap.add_argument("--check-config", action="store_true")
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    args = ap.parse_args(argv)
+    try:
+        cfg = cfgmod.load(cfgmod.MasterTargetConfig, args.config)
+    except LifeboatError as exc:
+        print(f"lifeboat-master-target: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.check_config:
+        print(f"{args.config}: OK")
+        return 0
+    log.configure(cfg.log.level, cfg.log.format, "lifeboat-master-target")
+    registry = CollectorRegistry()
+    Gauge("lifeboat_mt_up", "1 while the master target runs", registry=registry).set(1)
+
+    async def daemon(stop: asyncio.Event) -> int:
+        runner, port = await start_metrics_server(registry, cfg.metrics.host, cfg.metrics.port,
+                                                  lambda: (True, {"role": "master-target", "apply": "not implemented"}))
+        log.get("lifeboat.master_target").info("master target ready (health and metrics only)", metrics_port=port)
+        sd_notify.notify("READY=1")
+        await stop.wait()
+        sd_notify.notify("STOPPING=1")
+        await runner.cleanup()
+        return 0
+
+    return run(daemon)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

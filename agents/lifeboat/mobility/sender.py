@@ -1,0 +1,105 @@
+"""Batch sender: PUT each batch until the process server acknowledges it durably (idempotent by sequence)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import aiohttp
+
+from ..core import logging as log
+from ..core import tls
+from ..core.errors import LifeboatError
+
+logger = log.get("lifeboat.mobility.sender")
+API_PREFIX = "/api/v1"
+MEDIA_TYPE = "application/vnd.lifeboat.batch.v1"
+MAX_RESPONSE_BYTES = 64 * 1024
+
+
+class SendRejected(LifeboatError):
+    """The process server refused batch {} of disk {}: HTTP {} {}."""
+
+
+class ResyncRequired(LifeboatError):
+    """Disk {} needs a resync: {}."""
+
+
+class BatchSender:
+    def __init__(self, url: str, ca_cert: str, token: str, timeout_seconds: float, retry_max_seconds: float) -> None:
+        self.url = url.rstrip("/")
+        self.ssl = tls.client_context(ca_cert)
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self.timeout = aiohttp.ClientTimeout(total=timeout_seconds, sock_connect=10)
+        self.retry_max_seconds = retry_max_seconds
+        self.session: aiohttp.ClientSession | None = None
+        self.sent_bytes = 0
+
+    async def __aenter__(self) -> "BatchSender":
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl, limit=8),
+                                             timeout=self.timeout, headers=self._headers)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.session:
+            await self.session.close()
+
+    async def _json(self, resp: aiohttp.ClientResponse) -> dict:
+        raw = await resp.content.read(MAX_RESPONSE_BYTES)  # bounded: a hostile server cannot flood us
+        try:
+            import json
+
+            body = json.loads(raw)
+            return body if isinstance(body, dict) else {}
+        except ValueError:
+            return {"message": raw[:200].decode(errors="replace")}
+
+    async def _retrying(self, what: str, attempt_fn):
+        delay = 0.2
+        while True:
+            try:
+                return await attempt_fn()
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+                logger.warning("process server unreachable, retrying", what=what, error=str(exc) or type(exc).__name__,
+                               retry_in_seconds=round(delay, 2))
+            await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
+            delay = min(delay * 2, self.retry_max_seconds)
+
+    async def acked_seq(self, disk_id: str) -> int:
+        async def attempt() -> int:
+            assert self.session
+            async with self.session.get(f"{self.url}{API_PREFIX}/disks/{disk_id}") as resp:
+                body = await self._json(resp)
+                if resp.status != 200:
+                    raise SendRejected("query", disk_id, resp.status, body.get("message", ""))
+                return int(body["acked_seq"])
+
+        return await self._retrying(f"query {disk_id}", attempt)
+
+    async def send(self, disk_id: str, seq: int, body: bytes) -> dict:
+        """Send until stored or duplicate; 503 honours Retry-After; other 4xx are permanent."""
+        url = f"{self.url}{API_PREFIX}/disks/{disk_id}/batches/{seq}"
+
+        async def attempt():
+            assert self.session
+            while True:
+                async with self.session.put(url, data=body, headers={"Content-Type": MEDIA_TYPE}) as resp:
+                    reply = await self._json(resp)
+                    if resp.status == 200:
+                        self.sent_bytes += len(body)
+                        return reply
+                    if resp.status == 503:
+                        wait = float(resp.headers.get("Retry-After", "1"))
+                        logger.info("process server throttling", DISK=disk_id, BATCH=seq, retry_after=wait,
+                                    reason=reply.get("message"))
+                        await asyncio.sleep(min(wait, self.retry_max_seconds))
+                        continue
+                    if resp.status == 409 and reply.get("error") == "busy":
+                        await asyncio.sleep(0.5)  # an earlier attempt of ours is still being received
+                        continue
+                    if resp.status == 409 and reply.get("error") == "out_of_order":
+                        raise ResyncRequired(disk_id, f"process server expects sequence {reply.get('expected_seq')}, "
+                                             f"agent sent {seq}: it lost batches it had not uploaded")
+                    raise SendRejected(seq, disk_id, resp.status, reply.get("message", ""))
+
+        return await self._retrying(f"batch {disk_id}/{seq}", attempt)

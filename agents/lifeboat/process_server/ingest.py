@@ -1,0 +1,162 @@
+"""HTTPS ingest API on 9443: authenticated, size-capped, streamed to the cache and verified per frame."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import hmac
+import re
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+
+from ..core import logging as log
+from ..core.errors import FrameError
+from ..core.wire import DISK_ID_RE, BatchParser
+from .cache import DiskCache
+from .metrics import ProcessServerMetrics
+
+logger = log.get("lifeboat.process_server.ingest")
+API_PREFIX = "/api/v1"
+MEDIA_TYPE = "application/vnd.lifeboat.batch.v1"
+READ_CHUNK_BYTES = 256 * 1024
+_SEQ_RE = re.compile(r"^[1-9][0-9]{0,18}$")
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, reason: str, message: str, headers: dict | None = None, **extra) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message, self.headers, self.extra = status, reason, message, headers or {}, extra
+
+
+class IngestService:
+    def __init__(self, cache: DiskCache, token: str, max_batch_bytes: int, retry_after_seconds: int,
+                 metrics: ProcessServerMetrics, pool: ThreadPoolExecutor, on_stored, on_new_disk) -> None:
+        self.cache = cache
+        self._token = token.encode()
+        self.max_batch_bytes = max_batch_bytes
+        self.retry_after_seconds = retry_after_seconds
+        self.metrics = metrics
+        self.pool = pool
+        self.on_stored = on_stored          # callback(disk_id, seq) -> None
+        self.on_new_disk = on_new_disk      # async callback(disk_id) -> None, adopts a disk's repo state
+        self._receiving: set[str] = set()
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=1024 * 1024)  # only bounds request.read(); bodies are streamed
+        app.router.add_get(API_PREFIX + "/disks/{disk}", self.get_disk)
+        app.router.add_put(API_PREFIX + "/disks/{disk}/batches/{seq}", self.put_batch)
+        return app
+
+    def _reject(self, exc: _Reject, request: web.Request) -> web.Response:
+        self.metrics.rejections.labels(exc.reason).inc()
+        logger.warning("request rejected", reason=exc.reason, status=exc.status, detail=exc.message,
+                       path=request.path, peer=request.remote)
+        return web.json_response({"error": exc.reason, "message": exc.message, **exc.extra},
+                                 status=exc.status, headers=exc.headers)
+
+    def _authenticate(self, request: web.Request) -> None:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or not hmac.compare_digest(auth[7:].strip().encode(), self._token):
+            raise _Reject(401, "unauthenticated", "missing or wrong bearer token: use the agent token from 'lifeboat init'",
+                          {"WWW-Authenticate": "Bearer"})
+
+    def _disk(self, request: web.Request) -> str:
+        disk = request.match_info["disk"]
+        if not DISK_ID_RE.match(disk):
+            raise _Reject(400, "bad_request", f"disk id {disk!r} must match {DISK_ID_RE.pattern}")
+        return disk
+
+    async def get_disk(self, request: web.Request) -> web.Response:
+        try:
+            self._authenticate(request)
+            disk = self._disk(request)
+            await self.on_new_disk(disk)
+        except _Reject as exc:
+            return self._reject(exc, request)
+        return web.json_response({"disk_id": disk, "acked_seq": self.cache.acked_seq(disk),
+                                  "uploaded_seq": self.cache.uploaded_seq(disk)})
+
+    async def put_batch(self, request: web.Request) -> web.Response:
+        try:
+            self._authenticate(request)
+            disk = self._disk(request)
+            seq_text = request.match_info["seq"]
+            if not _SEQ_RE.match(seq_text):
+                raise _Reject(400, "bad_request", f"sequence {seq_text!r} is not a positive integer")
+            seq = int(seq_text)
+            length = request.content_length
+            if length is None:
+                raise _Reject(411, "bad_request", "Content-Length is required (batches are not sent chunked)")
+            if length > self.max_batch_bytes:
+                raise _Reject(413, "too_large", f"batch of {length} bytes exceeds the limit of {self.max_batch_bytes}; "
+                              "lower the agent's replication.batch_bytes")
+            await self.on_new_disk(disk)
+            acked = self.cache.acked_seq(disk)
+            if seq <= acked:
+                # Idempotent resend of something already durable: acknowledge without reading it.
+                self.metrics.batches.labels("duplicate").inc()
+                return web.json_response({"status": "duplicate", "seq": seq, "acked_seq": acked})
+            if seq != acked + 1:
+                raise _Reject(409, "out_of_order", f"expected sequence {acked + 1}, got {seq}", expected_seq=acked + 1)
+            if disk in self._receiving:
+                raise _Reject(409, "busy", f"another batch for disk {disk} is being received", expected_seq=acked + 1)
+            if not self.cache.can_accept(length):
+                raise _Reject(503, "cache_full",
+                              f"cache above its high-water mark ({self.cache.free_ratio:.0%} free); retry later",
+                              {"Retry-After": str(self.retry_after_seconds)})
+            return await self._receive(request, disk, seq, length)
+        except _Reject as exc:
+            return self._reject(exc, request)
+
+    async def _receive(self, request: web.Request, disk: str, seq: int, length: int) -> web.Response:
+        self._receiving.add(disk)
+        self.cache.reserved_bytes += length
+        loop = asyncio.get_running_loop()
+        parser = BatchParser(expected_disk_id=disk, expected_seq=seq)
+        fd = None
+        received = 0
+        try:
+            fd = await loop.run_in_executor(self.pool, self.cache.open_partial, disk, seq)
+
+            def consume(chunk: bytes) -> None:
+                # Parse (verify checksums) and write in one worker hop, off the event loop.
+                parser.feed(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+
+            while True:
+                # Bounded read: never more than READ_CHUNK_BYTES past what Content-Length allows.
+                chunk = await request.content.read(min(READ_CHUNK_BYTES, length - received + 1))
+                if not chunk:
+                    break
+                received += len(chunk)
+                if received > length:
+                    raise _Reject(400, "bad_request", f"body is longer than its Content-Length {length}")
+                await loop.run_in_executor(self.pool, consume, chunk)
+            if received < length:
+                raise _Reject(400, "truncated", f"body ended after {received} of {length} bytes")
+            header = parser.finish()
+            await loop.run_in_executor(self.pool, self.cache.commit, disk, seq, fd, received)
+            fd = None
+        except FrameError as exc:
+            await loop.run_in_executor(self.pool, self.cache.discard_partial, disk, seq, fd)
+            reason = "truncated" if "truncated" in str(exc) else "malformed"
+            return self._reject(_Reject(400, reason, str(exc)), request)
+        except _Reject as exc:
+            await loop.run_in_executor(self.pool, self.cache.discard_partial, disk, seq, fd)
+            return self._reject(exc, request)
+        except BaseException:
+            # Client went away (ConnectionResetError, CancelledError) or the disk failed: nothing was acknowledged.
+            await asyncio.shield(loop.run_in_executor(self.pool, self.cache.discard_partial, disk, seq, fd))
+            raise
+        finally:
+            self.cache.reserved_bytes -= length
+            self._receiving.discard(disk)
+        self.cache.published(disk, seq, received)
+        self.metrics.received_bytes.inc(received)
+        self.metrics.batches.labels("stored").inc()
+        self.on_stored(disk, seq)
+        logger.info("batch stored", DISK=disk, BATCH=seq, bytes=received, frames=header.frame_count)
+        return web.json_response({"status": "stored", "seq": seq, "acked_seq": seq})

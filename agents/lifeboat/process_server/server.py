@@ -1,0 +1,126 @@
+"""The process-server daemon object: cache recovery, ingest listener, uploaders, metrics, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from ..core import logging as log
+from ..core import tls
+from ..core.config import ProcessServerConfig, resolve_credential
+from ..core.errors import ConfigError
+from ..core.runtime import start_metrics_server
+from ..repository.open import open_repository
+from ..repository.repo import Repository
+from .cache import DiskCache
+from .ingest import IngestService
+from .metrics import ProcessServerMetrics
+from .uploader import DiskUploader
+
+logger = log.get("lifeboat.process_server")
+
+# Shutdown stages; their sum must stay below TimeoutStopSec= of lifeboat-process-server.service.
+STOP_LISTENER_SECONDS = 5
+STOP_UPLOAD_DRAIN_SECONDS = 20
+
+
+class ProcessServer:
+    def __init__(self, config: ProcessServerConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.metrics = ProcessServerMetrics(registry)
+        self.pool = ThreadPoolExecutor(max(2, config.upload.threads), thread_name_prefix="ps-work")
+        self.cache = DiskCache(config.cache.dir, config.cache.max_bytes, config.cache.high_water_ratio)
+        self.repo: Repository | None = None
+        self.uploaders: dict[str, DiskUploader] = {}
+        self._runners: list[web.AppRunner] = []
+        self.ingest_port = 0
+        self.metrics_port = 0
+
+    def _token(self) -> str:
+        path = resolve_credential(self.config.ingest.agent_token_file)
+        try:
+            with open(path) as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise ConfigError("ingest.agent_token_file", f"cannot read {path}: {exc.strerror}") from None
+        if len(token) < 16:
+            raise ConfigError("ingest.agent_token_file", f"{path} holds a token shorter than 16 characters")
+        return token
+
+    async def start(self) -> None:
+        cfg = self.config
+        token = self._token()
+        self.repo = await open_repository(cfg.repository)
+        acked = await asyncio.get_running_loop().run_in_executor(self.pool, self.cache.recover)
+        for disk in self.cache.disks():
+            self._uploader(disk)
+        self.metrics.cache_capacity.set(self.cache.capacity_bytes)
+        self.metrics.cache_used.set(self.cache.used_bytes)
+        self.metrics.cache_free_ratio.set(self.cache.free_ratio)
+        logger.info("cache recovered", disks=len(acked), pending_bytes=self.cache.used_bytes,
+                    repository=self.repo.backend.location)
+        ingest = IngestService(self.cache, token, cfg.ingest.max_batch_bytes, cfg.cache.retry_after_seconds,
+                               self.metrics, self.pool, self._stored, self._adopt)
+        runner = web.AppRunner(ingest.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        ssl_ctx = tls.server_context(resolve_credential(cfg.ingest.tls_cert), resolve_credential(cfg.ingest.tls_key))
+        site = web.TCPSite(runner, cfg.ingest.host, cfg.ingest.port, ssl_context=ssl_ctx)
+        await site.start()
+        self.ingest_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runners.append(runner)
+        mrunner, self.metrics_port = await start_metrics_server(
+            self.metrics.registry, cfg.metrics.host, cfg.metrics.port, self.health)
+        self._runners.append(mrunner)
+        logger.info("process server ready", ingest_port=self.ingest_port, metrics_port=self.metrics_port)
+
+    def health(self) -> tuple[bool, dict]:
+        failing = {d: u.failing for d, u in self.uploaders.items() if u.failing}
+        return not failing, {"cache_free_ratio": round(self.cache.free_ratio, 4), "failing_uploads": failing}
+
+    def _uploader(self, disk: str) -> DiskUploader:
+        up = self.uploaders.get(disk)
+        if up is None:
+            assert self.repo is not None
+            up = self.uploaders[disk] = DiskUploader(disk, self.cache, self.repo, self.pool, self.metrics,
+                                                     self.config.upload.retry_max_seconds)
+            up.start()
+        return up
+
+    def _stored(self, disk: str, seq: int) -> None:
+        self.metrics.cache_used.set(self.cache.used_bytes)
+        self.metrics.cache_free_ratio.set(self.cache.free_ratio)
+        self.metrics.backlog.labels(disk).set(self.cache.backlog_bytes(disk))
+        self._uploader(disk).wakeup.set()
+
+    async def _adopt(self, disk: str) -> None:
+        """First contact for a disk this cache has no state for: continue from the repository's log."""
+        if self.cache.known(disk):
+            return
+        assert self.repo is not None
+        seqs = await self.repo.list_segments(disk)
+        if not self.cache.known(disk):
+            self.cache.adopt(disk, seqs[-1] if seqs else 0)
+            if seqs:
+                logger.warning("disk adopted from the repository log", DISK=disk, uploaded_seq=seqs[-1])
+            self._uploader(disk)
+
+    async def stop(self) -> None:
+        """Stop accepting, give in-progress uploads time to finish, then cancel (cached batches persist)."""
+        for runner in self._runners:
+            try:
+                await asyncio.wait_for(runner.cleanup(), STOP_LISTENER_SECONDS)
+            except asyncio.TimeoutError:
+                logger.warning("listener did not close in time", seconds=STOP_LISTENER_SECONDS)
+        deadline = asyncio.get_running_loop().time() + STOP_UPLOAD_DRAIN_SECONDS
+        while any(u.busy for u in self.uploaders.values()) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for up in self.uploaders.values():
+            if up.task:
+                up.task.cancel()
+        await asyncio.gather(*(u.task for u in self.uploaders.values() if u.task), return_exceptions=True)
+        if self.repo:
+            await self.repo.backend.close()
+        self.pool.shutdown(wait=True, cancel_futures=True)

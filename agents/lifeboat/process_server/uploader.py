@@ -1,0 +1,127 @@
+"""Upload pipeline: cached batch → zstd + AEAD records (thread pool) → segment → catalog entries."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ..core import logging as log
+from ..core.catalog import PointEntry
+from ..core.errors import FormatError, LifeboatError
+from ..core.segment import SegmentHeader, assemble_segment, encode_record
+from ..core.wire import FRAME_BOOKMARK, parse_batch
+from ..repository.repo import Repository
+from .cache import DiskCache
+from .metrics import ProcessServerMetrics
+
+logger = log.get("lifeboat.process_server.uploader")
+# Frames per executor task: enough work per hop to amortise the thread switch.
+FRAMES_PER_TASK = 4
+
+
+class DiskUploader:
+    """Uploads one disk's batches strictly in sequence order (a catalog entry at seq S promises
+    that every segment ≤ S is stored), retrying failures with capped exponential backoff."""
+
+    def __init__(self, disk_id: str, cache: DiskCache, repo: Repository, pool: ThreadPoolExecutor,
+                 metrics: ProcessServerMetrics, retry_max_seconds: float) -> None:
+        self.disk_id = disk_id
+        self.cache = cache
+        self.repo = repo
+        self.pool = pool
+        self.metrics = metrics
+        self.retry_max_seconds = retry_max_seconds
+        self.wakeup = asyncio.Event()
+        self.failing: str | None = None
+        self.task: asyncio.Task | None = None
+        self._busy = False
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"upload-{self.disk_id}")
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            pending = self.cache.pending(self.disk_id)
+            if not pending:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            seq = pending[0]
+            self._busy = True
+            try:
+                await self.upload_one(seq)
+                self.failing = None
+                delay = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure is retried, logged and counted
+                kind = type(exc).__name__
+                self.failing = f"{kind}: {exc}"
+                self.metrics.upload_errors.labels(kind).inc()
+                logger.error("upload failed, will retry", DISK=self.disk_id, BATCH=seq, error=str(exc),
+                             kind=kind, retry_in_seconds=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_seconds)
+            finally:
+                self._busy = False
+
+    async def upload_one(self, seq: int) -> None:
+        t0 = time.monotonic()
+        loop = asyncio.get_running_loop()
+        data = await loop.run_in_executor(self.pool, self.cache.read_batch, self.disk_id, seq)
+        try:
+            header, frames = await loop.run_in_executor(
+                self.pool, lambda: parse_batch(data, expected_disk_id=self.disk_id, expected_seq=seq))
+        except FormatError as exc:
+            # The batch was verified before it was acknowledged: the cache disk corrupted it.
+            raise LifeboatError(f"cached batch {self.disk_id}/{seq} is damaged on the cache disk: {exc}; "
+                                "the sender must resync this disk") from None
+        del data
+        seg_header = SegmentHeader(self.disk_id, seq, header.disk_size, len(frames))
+        header_bytes = seg_header.encode()
+        key = self.repo.segment_key
+
+        def encode_slice(start: int) -> list:
+            return [encode_record(key, header_bytes, i, frames[i])
+                    for i in range(start, min(start + FRAMES_PER_TASK, len(frames)))]
+
+        futures = [loop.run_in_executor(self.pool, encode_slice, s) for s in range(0, len(frames), FRAMES_PER_TASK)]
+        encoded = [rec for chunk in await asyncio.gather(*futures) for rec in chunk]
+        parts = assemble_segment(key, seg_header, encoded)
+        stored = sum(len(p) for p in parts)
+        source = sum(len(f.payload) for f in frames)
+        await self.repo.put_segment(self.disk_id, seq, parts)
+        # Publish order: segment first, then its catalog entries, then forget the cached batch.
+        points = []
+        for i, frame in enumerate(frames):
+            if frame.kind == FRAME_BOOKMARK:
+                bm = frame.bookmark()
+                entry = PointEntry(
+                    point_id=bm["point_id"], machine=bm.get("machine", ""), disk_id=self.disk_id, seq=seq,
+                    frame_index=i, disk_size=header.disk_size, created=float(bm.get("created", 0)),
+                    consistency=bm.get("consistency", "none"), cycle=int(bm.get("cycle", 0)),
+                    block_size=int(bm.get("block_size", 0)), image_digest=str(bm.get("image_digest", "")),
+                )
+                await self.repo.put_point(entry)
+                points.append(entry.point_id)
+        await loop.run_in_executor(self.pool, self.cache.mark_uploaded, self.disk_id, seq)
+        elapsed = time.monotonic() - t0
+        m = self.metrics
+        m.upload_seconds.observe(elapsed)
+        m.upload_source_bytes.inc(source)
+        m.upload_stored_bytes.inc(stored)
+        m.points.inc(len(points))
+        if stored:
+            m.compression_ratio.set(source / stored)
+        m.uploaded_seq.labels(self.disk_id).set(seq)
+        m.backlog.labels(self.disk_id).set(self.cache.backlog_bytes(self.disk_id))
+        m.cache_used.set(self.cache.used_bytes)
+        m.cache_free_ratio.set(self.cache.free_ratio)
+        logger.info("segment uploaded", DISK=self.disk_id, BATCH=seq, frames=len(frames), source_bytes=source,
+                    stored_bytes=stored, seconds=round(elapsed, 3), POINT=",".join(points) or None)

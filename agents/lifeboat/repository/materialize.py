@@ -1,0 +1,151 @@
+"""Materialise a disk at a recovery point: replay its log into a raw image, streaming, then prove it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from dataclasses import dataclass
+from typing import Callable
+
+from ..core.catalog import PointEntry
+from ..core.digest import block_digest, image_digest
+from ..core.errors import IntegrityError, LifeboatError, ObjectNotFound, PointIncomplete
+from ..core.segment import SegmentReader
+from ..core.wire import FRAME_WRITE, FRAME_ZERO
+from .repo import Repository, segment_name
+
+ZERO_CHUNK_BYTES = 1024 * 1024
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+@dataclass
+class MaterializeResult:
+    path: str
+    disk_id: str
+    point_id: str
+    segments: int
+    written_bytes: int
+    image_digest: str
+
+
+def _open_target(path: str, size: int, overwrite: bool) -> tuple[int, bool]:
+    """Open a fresh zero-filled image file, or a block device of at least `size` bytes."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISBLK(st.st_mode):
+        fd = os.open(path, os.O_RDWR)
+        dev_size = os.lseek(fd, 0, os.SEEK_END)
+        if dev_size < size:
+            os.close(fd)
+            raise LifeboatError(f"block device {path} has {dev_size} bytes, the disk needs {size}")
+        return fd, True
+    if st is not None and not overwrite:
+        raise LifeboatError(f"{path} exists; pass --overwrite to replace it, or choose another --to path")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.ftruncate(fd, size)  # sparse zeros: the replica's starting state
+    return fd, False
+
+
+def _zero(fd: int, offset: int, length: int, is_device: bool) -> None:
+    if not is_device:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE,
+                              ctypes.c_long(offset), ctypes.c_long(length)) == 0:
+                return
+        except OSError:
+            pass
+    zeros = bytes(min(ZERO_CHUNK_BYTES, length))
+    while length:
+        n = os.pwrite(fd, zeros[: min(len(zeros), length)], offset)
+        offset += n
+        length -= n
+
+
+def _apply(reader: SegmentReader, fd: int, is_device: bool, stop_before: int | None) -> int:
+    written = 0
+    for i, e in enumerate(reader.entries):
+        if stop_before is not None and i >= stop_before:
+            break
+        if e.kind == FRAME_WRITE:
+            data = reader.payload(i)
+            os.pwrite(fd, data, e.disk_offset)
+            written += len(data)
+        elif e.kind == FRAME_ZERO:
+            _zero(fd, e.disk_offset, e.length, is_device)
+            written += e.length
+    return written
+
+
+def image_digest_of(fd: int, size: int, block_size: int) -> str:
+    """Recompute the point's image digest from the materialised bytes."""
+    digests = bytearray()
+    buf = bytearray(max(block_size, 4 * 1024 * 1024) // block_size * block_size)
+    view = memoryview(buf)
+    offset = 0
+    while offset < size:
+        n = os.preadv(fd, [view[: min(len(buf), size - offset)]], offset)
+        if n <= 0:
+            raise OSError(f"short read at {offset}")
+        for a in range(0, n, block_size):
+            digests += block_digest(view[a: min(a + block_size, n)])
+        offset += n
+    return image_digest(digests)
+
+
+async def materialize(repo: Repository, entry: PointEntry, target: str, overwrite: bool = False,
+                      progress: Callable[[int, int], None] | None = None) -> MaterializeResult:
+    """Replay segments 1..entry.seq (the last one up to the bookmark) into target.
+
+    Memory is bounded by two segments (the one being applied and the next one, prefetched).
+    """
+    seqs = await repo.list_segments(entry.disk_id)
+    missing = sorted(set(range(1, entry.seq + 1)) - set(seqs))
+    if missing:
+        raise PointIncomplete(entry.point_id, f"segment {segment_name(entry.disk_id, missing[0])} is missing "
+                              f"({len(missing)} of {entry.seq} needed segments absent)")
+    fd, is_device = await asyncio.to_thread(_open_target, target, entry.disk_size, overwrite)
+    written = 0
+    try:
+        async def fetch(seq: int) -> SegmentReader:
+            try:
+                return await repo.read_segment(entry.disk_id, seq)
+            except ObjectNotFound:
+                raise PointIncomplete(entry.point_id, f"segment {segment_name(entry.disk_id, seq)} vanished") from None
+
+        nxt = asyncio.ensure_future(fetch(1))
+        for seq in range(1, entry.seq + 1):
+            try:
+                reader = await nxt
+            except IntegrityError as exc:
+                raise PointIncomplete(entry.point_id, f"it needs {exc.object_name}, which is damaged: {exc}") from None
+            if seq < entry.seq:
+                nxt = asyncio.ensure_future(fetch(seq + 1))
+            stop = entry.frame_index if seq == entry.seq else None
+            try:
+                written += await asyncio.to_thread(_apply, reader, fd, is_device, stop)
+            except IntegrityError as exc:
+                raise PointIncomplete(entry.point_id, f"it needs {exc.object_name}, which is damaged: {exc}") from None
+            del reader
+            if progress:
+                progress(seq, entry.seq)
+        await asyncio.to_thread(os.fsync, fd)
+        digest = await asyncio.to_thread(image_digest_of, fd, entry.disk_size, entry.block_size)
+    except BaseException:
+        os.close(fd)
+        if not is_device:
+            try:
+                os.unlink(target)  # never leave a half-written image that looks usable
+            except OSError:
+                pass
+        raise
+    os.close(fd)
+    if entry.image_digest and digest != entry.image_digest:
+        raise PointIncomplete(entry.point_id, f"the recovered image's digest {digest} differs from the digest the agent "
+                              f"recorded ({entry.image_digest}); the image at {target} is not trustworthy")
+    return MaterializeResult(target, entry.disk_id, entry.point_id, entry.seq, written, digest)
