@@ -208,11 +208,11 @@ def load(cls, path: str):
 def _validate_mobility(cfg: MobilityConfig) -> None:
     from .wire import DISK_ID_RE
 
-    if not DISK_ID_RE.match(cfg.machine) or "." in cfg.machine or len(cfg.machine) > 32:
+    if not DISK_ID_RE.fullmatch(cfg.machine) or "." in cfg.machine or len(cfg.machine) > 32:
         raise ConfigError("machine", f"{cfg.machine!r} must be 1-32 lower-case letters, digits, '_' or '-'")
     seen = set()
     for i, d in enumerate(cfg.disks):
-        if not DISK_ID_RE.match(f"{cfg.machine}.{d.id}") or "." in d.id:
+        if not d.id or not DISK_ID_RE.fullmatch(f"{cfg.machine}.{d.id}") or "." in d.id:  # "" gives "machine."
             raise ConfigError(f"disks[{i}].id", f"{d.id!r} must be lower-case letters, digits, '_' or '-'")
         if d.id in seen:
             raise ConfigError(f"disks[{i}].id", f"disk {d.id!r} is listed twice")

@@ -42,6 +42,8 @@ class Unlocker:
                 lines = f.read().split()
         except OSError as exc:
             raise KeyUnlockError(f"cannot read key file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise KeyUnlockError(f"{path} is not a Lifeboat key file (not UTF-8 text)") from None
         if len(lines) != 3 or " ".join(lines[:2]) != KEYFILE_HEADER:
             raise KeyUnlockError(f"{path} is not a Lifeboat key file (first line must be '{KEYFILE_HEADER}')")
         try:
@@ -90,6 +92,8 @@ def unwrap_master_key(data: bytes, unlocker: Unlocker) -> bytes | None:
     """Return the master key if this key object opens with the unlocker, else None."""
     try:
         obj = json.loads(data)
+        if not isinstance(obj, dict):
+            return None
         if obj.get("format") != KEY_OBJECT_FORMAT or obj.get("version") != KEY_OBJECT_VERSION:
             return None
         if obj.get("kdf") != unlocker.kdf:

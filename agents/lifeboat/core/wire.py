@@ -44,7 +44,7 @@ BOOKMARK_FIELDS = {"point_id": str, "machine": str, "created": (int, float), "co
 
 
 def validate_disk_id(disk_id: str) -> str:
-    if not DISK_ID_RE.match(disk_id):
+    if not DISK_ID_RE.fullmatch(disk_id):  # fullmatch: '$' alone accepts a trailing newline
         raise FrameError(
             "header", f"disk id {disk_id!r} must match {DISK_ID_RE.pattern} (lower-case letters, digits, '.', '_', '-')"
         )
@@ -57,7 +57,7 @@ def validate_bookmark(point: object) -> dict:
     for name, typ in BOOKMARK_FIELDS.items():
         if not isinstance(point.get(name), typ) or isinstance(point.get(name), bool):
             raise ValueError(f"field {name!r} is missing or not {getattr(typ, '__name__', 'a number')}")
-    if not POINT_ID_RE.match(point["point_id"]):
+    if not POINT_ID_RE.fullmatch(point["point_id"]):
         raise ValueError(f"point_id {point['point_id']!r} must match {POINT_ID_RE.pattern}")
     if point["consistency"] not in ("app", "crash", "none"):
         raise ValueError(f"consistency {point['consistency']!r} is not app, crash or none")
@@ -243,7 +243,7 @@ class BatchParser:
         if kind == FRAME_BOOKMARK:
             try:
                 validate_bookmark(json.loads(payload))
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:  # deeply nested JSON exhausts the parser's stack
                 raise FrameError(idx, f"bookmark payload is not valid point JSON: {exc}") from None
         del self._buf[:total]
         self._index += 1
