@@ -20,7 +20,9 @@ from .quiescer import run_script
 from .sender import BatchSender
 
 logger = log.get("lifeboat.mobility")
-QUEUE_BATCHES = 2  # batches read ahead of the sender per disk: bounds memory to ~3 × batch_bytes
+# Batches read ahead of the sender per disk. Peak memory per disk is about (QUEUE_BATCHES + 2) ×
+# batch_bytes of payload plus the copy made by to_bytes(): measured ~7 × batch_bytes (bench/README.md).
+QUEUE_BATCHES = 2
 
 
 @dataclass
@@ -89,7 +91,9 @@ class Agent:
             self.metrics.resyncs.labels(reason).inc()
             logger.warning("full resync: replica state unknown", DISK=disk_id, reason=reason, acked_seq=acked,
                            local_seq=dmap.seq if dmap else None)
-            cycle = dmap.cycle if dmap else 0
+            # Point ids carry the cycle number; every cycle used at least one sequence number, so
+            # continuing past the acked seq keeps ids unique even when the local count was lost.
+            cycle = max(dmap.cycle if dmap else 0, acked)
             dmap = DigestMap.fresh(map_path, bs, size, replica_is_zero=False)
             dmap.cycle = cycle
         # Batches past the last completed cycle may have reached the server; their blocks were
