@@ -13,7 +13,7 @@ import time
 from .. import __version__
 from ..core import config as cfgmod
 from ..core import keys, tls
-from ..core.errors import LifeboatError
+from ..core.errors import IntegrityError, LifeboatError
 from ..repository.materialize import materialize
 from ..repository.open import backend_from_url
 from ..repository.repo import Repository
@@ -75,12 +75,20 @@ async def cmd_init(args) -> int:
     return 0
 
 
+def _warn_damaged(damaged: list[IntegrityError]) -> None:
+    """Damaged catalog entries are reported, never silently skipped; the intact points stay usable."""
+    for exc in damaged:
+        print(f"lifeboat: damaged catalog entry left out: {exc}", file=sys.stderr)
+
+
 async def cmd_points(args) -> int:
     repo = await open_from_args(args)
+    damaged: list[IntegrityError] = []
     try:
-        points = machine_points(await repo.list_points())
+        points = machine_points(await repo.list_points(damaged=damaged))
     finally:
         await repo.backend.close()
+    _warn_damaged(damaged)
     if args.machine:
         points = [p for p in points if p.machine == args.machine]
     if args.json:
@@ -88,13 +96,13 @@ async def cmd_points(args) -> int:
                            "consistency": p.consistency, "complete": p.complete,
                            "disks": {d: {"seq": e.seq, "disk_size": e.disk_size, "image_digest": e.image_digest}
                                      for d, e in sorted(p.disks.items())}} for p in points], indent=2))
-        return 0
+        return 1 if damaged else 0
     print(f"{'POINT':<40} {'MACHINE':<16} {'CREATED (UTC)':<20} {'CONSISTENCY':<11} DISKS")
     for p in points:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(p.created))
         disks = ",".join(sorted(d.split(".", 1)[1] for d in p.disks)) + ("" if p.complete else " (incomplete)")
         print(f"{p.point_id:<40} {p.machine:<16} {created:<20} {p.consistency:<11} {disks}")
-    return 0
+    return 1 if damaged else 0
 
 
 async def cmd_failover(args) -> int:
@@ -103,7 +111,9 @@ async def cmd_failover(args) -> int:
                             "to Azure comes with the configuration-server role")
     repo = await open_from_args(args)
     try:
-        point = resolve(machine_points(await repo.list_points()), args.point, args.machine)
+        damaged: list[IntegrityError] = []
+        point = resolve(machine_points(await repo.list_points(damaged=damaged)), args.point, args.machine)
+        _warn_damaged(damaged)
         disks = sorted(point.disks)
         if args.disk:
             wanted = f"{point.machine}.{args.disk}"
