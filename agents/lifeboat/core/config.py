@@ -229,8 +229,10 @@ def _validate_mobility(cfg: MobilityConfig) -> None:
 def _validate_ps(cfg: ProcessServerConfig) -> None:
     if not 0 < cfg.cache.high_water_ratio <= 1:
         raise ConfigError("cache.high_water_ratio", f"{cfg.cache.high_water_ratio} is not in (0, 1]")
-    if cfg.cache.max_bytes < 2 * cfg.ingest.max_batch_bytes:
-        raise ConfigError("cache.max_bytes", "must hold at least two batches of ingest.max_batch_bytes")
+    if cfg.cache.max_bytes * cfg.cache.high_water_ratio < 2 * cfg.ingest.max_batch_bytes:
+        # Otherwise a largest batch could never pass the high-water check: 503 forever.
+        raise ConfigError("cache.max_bytes", "max_bytes × high_water_ratio must hold at least two batches of "
+                          f"ingest.max_batch_bytes ({cfg.ingest.max_batch_bytes} bytes)")
     if not (cfg.repository.key_file or cfg.repository.passphrase_file):
         raise ConfigError("repository.key_file", "set key_file or passphrase_file to unlock the repository")
 

@@ -25,6 +25,10 @@ class ResyncRequired(LifeboatError):
     """Disk {} needs a resync: {}."""
 
 
+class _ServerError(Exception):
+    """A 5xx other than 503: the server failed this attempt (e.g. its cache disk); retried with backoff."""
+
+
 class BatchSender:
     def __init__(self, url: str, ca_cert: str, token: str, timeout_seconds: float, retry_max_seconds: float) -> None:
         self.url = url.rstrip("/")
@@ -59,20 +63,36 @@ class BatchSender:
         while True:
             try:
                 return await attempt_fn()
-            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, _ServerError) as exc:
                 logger.warning("process server unreachable, retrying", what=what, error=str(exc) or type(exc).__name__,
                                retry_in_seconds=round(delay, 2))
             await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
             delay = min(delay * 2, self.retry_max_seconds)
 
+    async def _throttled(self, resp: aiohttp.ClientResponse, reply: dict, disk_id: str, what) -> None:
+        """503: wait as the server asks (capped), then try again."""
+        try:
+            wait = max(0.1, float(resp.headers.get("Retry-After", "1")))
+        except ValueError:  # an HTTP-date or garbage: fall back to a short wait
+            wait = 1.0
+        logger.info("process server throttling", DISK=disk_id, BATCH=what, retry_after=wait,
+                    reason=reply.get("error"), detail=reply.get("message"))
+        await asyncio.sleep(min(wait, self.retry_max_seconds))
+
     async def acked_seq(self, disk_id: str) -> int:
         async def attempt() -> int:
             assert self.session
-            async with self.session.get(f"{self.url}{API_PREFIX}/disks/{disk_id}") as resp:
-                body = await self._json(resp)
-                if resp.status != 200:
+            while True:
+                async with self.session.get(f"{self.url}{API_PREFIX}/disks/{disk_id}") as resp:
+                    body = await self._json(resp)
+                    if resp.status == 200:
+                        return int(body["acked_seq"])
+                    if resp.status == 503:
+                        await self._throttled(resp, body, disk_id, "query")
+                        continue
+                    if resp.status >= 500:
+                        raise _ServerError(f"HTTP {resp.status}: {body.get('message', '')}")
                     raise SendRejected("query", disk_id, resp.status, body.get("message", ""))
-                return int(body["acked_seq"])
 
         return await self._retrying(f"query {disk_id}", attempt)
 
@@ -89,10 +109,7 @@ class BatchSender:
                         self.sent_bytes += len(body)
                         return reply
                     if resp.status == 503:
-                        wait = float(resp.headers.get("Retry-After", "1"))
-                        logger.info("process server throttling", DISK=disk_id, BATCH=seq, retry_after=wait,
-                                    reason=reply.get("message"))
-                        await asyncio.sleep(min(wait, self.retry_max_seconds))
+                        await self._throttled(resp, reply, disk_id, seq)
                         continue
                     if resp.status == 409 and reply.get("error") == "busy":
                         await asyncio.sleep(0.5)  # an earlier attempt of ours is still being received
@@ -100,6 +117,8 @@ class BatchSender:
                     if resp.status == 409 and reply.get("error") == "out_of_order":
                         raise ResyncRequired(disk_id, f"process server expects sequence {reply.get('expected_seq')}, "
                                              f"agent sent {seq}: it lost batches it had not uploaded")
+                    if resp.status >= 500:
+                        raise _ServerError(f"HTTP {resp.status}: {reply.get('message', '')}")
                     raise SendRejected(seq, disk_id, resp.status, reply.get("message", ""))
 
         return await self._retrying(f"batch {disk_id}/{seq}", attempt)

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from ..core import logging as log
-from ..core.errors import FrameError
+from ..core.errors import FrameError, LifeboatError
 from ..core.wire import DISK_ID_RE, BatchParser
 from .cache import DiskCache
 from .metrics import ProcessServerMetrics
@@ -63,15 +63,26 @@ class IngestService:
 
     def _disk(self, request: web.Request) -> str:
         disk = request.match_info["disk"]
-        if not DISK_ID_RE.match(disk):
+        if not DISK_ID_RE.fullmatch(disk):
             raise _Reject(400, "bad_request", f"disk id {disk!r} must match {DISK_ID_RE.pattern}")
         return disk
+
+    async def _adopt(self, disk: str) -> None:
+        """A disk new to this cache continues from the repository's log; if that cannot be read, throttle."""
+        if self.cache.known(disk):
+            return
+        try:
+            await self.on_new_disk(disk)
+        except (LifeboatError, OSError) as exc:
+            raise _Reject(503, "repository_unavailable",
+                          f"cannot read disk {disk}'s log from the repository to continue it: {exc}; retry later",
+                          {"Retry-After": str(self.retry_after_seconds)}) from None
 
     async def get_disk(self, request: web.Request) -> web.Response:
         try:
             self._authenticate(request)
             disk = self._disk(request)
-            await self.on_new_disk(disk)
+            await self._adopt(disk)
         except _Reject as exc:
             return self._reject(exc, request)
         return web.json_response({"disk_id": disk, "acked_seq": self.cache.acked_seq(disk),
@@ -82,7 +93,7 @@ class IngestService:
             self._authenticate(request)
             disk = self._disk(request)
             seq_text = request.match_info["seq"]
-            if not _SEQ_RE.match(seq_text):
+            if not _SEQ_RE.fullmatch(seq_text):
                 raise _Reject(400, "bad_request", f"sequence {seq_text!r} is not a positive integer")
             seq = int(seq_text)
             length = request.content_length
@@ -91,7 +102,7 @@ class IngestService:
             if length > self.max_batch_bytes:
                 raise _Reject(413, "too_large", f"batch of {length} bytes exceeds the limit of {self.max_batch_bytes}; "
                               "lower the agent's replication.batch_bytes")
-            await self.on_new_disk(disk)
+            await self._adopt(disk)
             acked = self.cache.acked_seq(disk)
             if seq <= acked:
                 # Idempotent resend of something already durable: acknowledge without reading it.
@@ -108,6 +119,12 @@ class IngestService:
             return await self._receive(request, disk, seq, length)
         except _Reject as exc:
             return self._reject(exc, request)
+        except (asyncio.CancelledError, ConnectionError):
+            raise  # the client went away; nothing was acknowledged
+        except Exception as exc:  # noqa: BLE001 - e.g. the cache disk failed: answer, count, keep serving
+            logger.exception("batch not stored", path=request.path)
+            return self._reject(_Reject(500, "internal", f"batch not stored: {type(exc).__name__}: {exc}; "
+                                        "the sender will retry"), request)
 
     async def _receive(self, request: web.Request, disk: str, seq: int, length: int) -> web.Response:
         self._receiving.add(disk)

@@ -82,7 +82,13 @@ class LocalBackend(Backend):
         # Walk only below the prefix's folder: listing one disk's log must not scan the repository.
         start_rel = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = os.path.join(self.root, *start_rel.split("/")) if start_rel else self.root
-        for folder, dirs, files in os.walk(start):
+        def walk_error(exc: OSError) -> None:
+            # A missing prefix folder is an empty listing; anything else (EIO, ENOTDIR, EACCES) must
+            # not look like "no objects", or a log could be restarted over existing segments.
+            if not (isinstance(exc, FileNotFoundError) and exc.filename == start):
+                raise RepositoryError(f"cannot list {prefix!r} in {self.root}: {exc}") from None
+
+        for folder, dirs, files in os.walk(start, onerror=walk_error):
             rel = os.path.relpath(folder, self.root)
             base = "" if rel == "." else rel.replace(os.sep, "/") + "/"
             for f in files:
