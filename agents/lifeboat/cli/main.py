@@ -13,6 +13,7 @@ import time
 from .. import __version__
 from ..core import config as cfgmod
 from ..core import keys, tls
+from ..core import logging as lblog
 from ..core.errors import IntegrityError, LifeboatError
 from ..repository.materialize import materialize
 from ..repository.open import backend_from_url
@@ -202,6 +203,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # Logs go to stderr, so that stdout stays parseable (--json output, init's JSON summary).
+    lblog.configure(level="info", fmt="console", identifier="lifeboat")
     try:
         return asyncio.run(args.fn(args))
     except LifeboatError as exc:

@@ -15,6 +15,9 @@ KEY_OBJECT_VERSION = 1
 KEYFILE_HEADER = "lifeboat-keyfile v1"
 KDF_KEYFILE = "keyfile"
 KDF_ARGON2ID = "argon2id"
+# Upper bounds on Argon2id parameters read from a key object: libsodium's SENSITIVE preset.
+ARGON2ID_MAX_OPSLIMIT = crypto.sodium.crypto_pwhash_argon2id_OPSLIMIT_SENSITIVE
+ARGON2ID_MAX_MEMLIMIT = crypto.sodium.crypto_pwhash_argon2id_MEMLIMIT_SENSITIVE
 
 
 def _b64(b: bytes) -> str:
@@ -99,7 +102,14 @@ def unwrap_master_key(data: bytes, unlocker: Unlocker) -> bytes | None:
         if obj.get("kdf") != unlocker.kdf:
             return None
         if unlocker.kdf == KDF_ARGON2ID:
-            kek = crypto.passphrase_key(unlocker.secret, _unb64(obj["salt"]), int(obj["opslimit"]), int(obj["memlimit"]))
+            opslimit, memlimit = int(obj["opslimit"]), int(obj["memlimit"])
+            # The parameters come from storage: a tampered key object must not make us spend
+            # hours or gigabytes of memory before its MAC fails.
+            if not (0 < opslimit <= ARGON2ID_MAX_OPSLIMIT and 0 < memlimit <= ARGON2ID_MAX_MEMLIMIT):
+                raise KeyUnlockError(f"key object {obj.get('id')!r} asks for Argon2id opslimit={opslimit}, "
+                                     f"memlimit={memlimit}, above the accepted maximum "
+                                     f"({ARGON2ID_MAX_OPSLIMIT}, {ARGON2ID_MAX_MEMLIMIT}): refusing to unlock it")
+            kek = crypto.passphrase_key(unlocker.secret, _unb64(obj["salt"]), opslimit, memlimit)
         else:
             kek = unlocker.secret
         master = crypto.open_sealed(kek, _unb64(obj["wrapped"]), _aad(obj["id"], unlocker.kdf))

@@ -12,7 +12,7 @@ OBJECT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9
 
 
 def check_name(name: str) -> str:
-    if not OBJECT_NAME_RE.match(name) or len(name) > 512:
+    if not OBJECT_NAME_RE.fullmatch(name) or len(name) > 512:
         raise RepositoryError(f"invalid object name {name!r}")
     return name
 

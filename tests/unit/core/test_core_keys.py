@@ -173,3 +173,12 @@ def test_garbage_passphrase_parameters_give_none(override):
     u = Unlocker.from_passphrase("correct horse battery staple")
     obj = json.loads(wrap_master_key(MASTER, "aa", u, **FAST_KDF)) | override
     assert unwrap_master_key(json.dumps(obj).encode(), u) is None
+
+
+@pytest.mark.parametrize("field", ["opslimit", "memlimit"])
+def test_key_object_asking_for_absurd_argon2_cost_is_refused_before_deriving(field):
+    blob = wrap_master_key(MASTER, "aa", Unlocker.from_passphrase("correct horse battery staple"), **FAST_KDF)
+    obj = json.loads(blob)
+    obj[field] = 2**40  # would take hours or a terabyte: must fail fast, naming the parameter
+    with pytest.raises(KeyUnlockError, match=f"{field}=1099511627776"):
+        unwrap_master_key(json.dumps(obj).encode(), Unlocker.from_passphrase("correct horse battery staple"))

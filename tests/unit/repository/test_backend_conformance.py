@@ -210,7 +210,7 @@ async def test_a_prefix_is_not_an_object(backend):
 
 
 INVALID_NAMES = ["", "/etc/passwd", "a//b", "a/../b", "../a", "a/", ".hidden", "a/.b", "a b", "a\\b",
-                 "ünicode", "x" * 513]
+                 "ünicode", "x" * 513, "config\n", "a/b\n"]
 
 
 @pytest.mark.parametrize("name", INVALID_NAMES)
