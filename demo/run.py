@@ -54,8 +54,10 @@ def main() -> int:
         t0 = time.monotonic()
         rc = lab.run_agent("demo", {"disk0": image}, args.cycles,
                            extra={"replication": {"interval_seconds": args.interval},
+                                  # the writer is paused for every point (the scripts run each cycle)
                                   "consistency": {"pre_script": str(DEMO_DIR / "pause.sh"),
-                                                  "post_script": str(DEMO_DIR / "pause.sh")}},
+                                                  "post_script": str(DEMO_DIR / "pause.sh"),
+                                                  "app_interval_seconds": 0}},
                            env={"DEMO_CTL": ctl, "DEMO_IMAGE": image})
         if rc != 0:
             print(f"FAIL: agent exited with {rc}; see {lab.log_path}")
@@ -69,9 +71,9 @@ def main() -> int:
             print(f"FAIL: {exc}")
             return 1
         print(lab.cli("points", check=True).stdout, end="")
-        crash = [p for p in pts if p["consistency"] == "crash"]
+        crash = [p for p in pts if p["consistency"] in ("crash", "app")]
         if len(crash) < 2:
-            print(f"FAIL: expected at least 2 crash-consistent points, got {len(crash)}")
+            print(f"FAIL: expected at least 2 consistent points, got {len(crash)}")
             return 1
         failures = 0
         for p in (crash[0], crash[-1]):

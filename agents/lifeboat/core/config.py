@@ -109,9 +109,40 @@ class ReplicationConfig:
 
 @dataclass(kw_only=True)
 class ConsistencyConfig:
-    pre_script: str = opt("", "run before a cycle reads the disks (e.g. pause writers); empty = none")
-    post_script: str = opt("", "run after the cycle's reads (e.g. resume writers)")
-    script_timeout_seconds: float = opt(60.0, "a script running longer is killed and the point is not consistent")
+    pre_script: str = opt("", "app-consistent points: run before the freeze (e.g. flush and pause the application); "
+                          "empty = none")
+    post_script: str = opt("", "run after the thaw (with the 'none' snapshot provider: after the cycle's reads)")
+    script_timeout_seconds: float = opt(60.0, "a script running longer is killed and the point is not app-consistent")
+    app_interval_seconds: float = opt(3600.0, "run the scripts (an app-consistent point) at most this often; "
+                                      "the reference uses 1-12 h; 0 = every cycle")
+    freeze: bool = opt(True, "FIFREEZE the disks' mounted filesystems while the snapshot is taken")
+    freeze_timeout_seconds: float = opt(10.0, "an external watchdog thaws the filesystems after this long, "
+                                        "even if the agent dies")
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    tracker: str = opt("auto", "auto (tracepoint for block devices when tracefs works, else digest), tracepoint "
+                       "or digest (read and hash every block each cycle)", choices=("auto", "tracepoint", "digest"))
+    trace_buffer_kb: int = opt(8192, "per-CPU ring buffer of the agent's private tracefs instance")
+    drain_interval_seconds: float = opt(0.1, "how often the trace ring is read; too slow a reader overruns the ring "
+                                        "and forces a digest resync")
+
+
+SNAPSHOT_PROVIDERS = ("reflink", "lvm", "freeze-copy", "none")
+
+
+@dataclass(kw_only=True)
+class SnapshotConfig:
+    providers: list[str] = opt(list(SNAPSHOT_PROVIDERS), choices=SNAPSHOT_PROVIDERS, help=
+                               "tried in order each cycle: reflink (FICLONE of an image file or a loop device's "
+                               "backing file), lvm, freeze-copy (copy the dirty blocks while frozen), none (read "
+                               "the live disk: the point is not crash-consistent)")
+    dir: str = opt("", "where reflink clones go (on the backing file's filesystem); empty = next to it")
+    keep: int = opt(0, "reflink clones kept after their cycle, newest first (local quick-restore copies)")
+    freeze_copy_max_bytes: int = opt(64 * MiB, "freeze-copy copies at most this much while frozen; above it the "
+                                     "next provider is used")
+    lvm_size: str = opt("10%ORIGIN", "size of a classic LVM snapshot (lvcreate --extents)")
 
 
 @dataclass(kw_only=True)
@@ -121,7 +152,9 @@ class MobilityConfig:
     process_server: ProcessServerLink = req("where batches go", None)
     disks: list[DiskConfig] = req("disks to protect", None)
     replication: ReplicationConfig = opt(None, "cycles")
-    consistency: ConsistencyConfig = opt(None, "quiescing scripts around each cycle's reads")
+    consistency: ConsistencyConfig = opt(None, "quiescing: scripts, filesystem freeze")
+    tracking: TrackingConfig = opt(None, "change tracking")
+    snapshot: SnapshotConfig = opt(None, "point-in-time snapshots that each cycle reads from")
     metrics: MetricsConfig = opt(None, "metrics listener", default_port=9461)
     log: LogConfig = opt(None, "logging")
 
@@ -169,6 +202,14 @@ def build(cls, data: object, path: str = ""):
             if "default_port" in f.metadata and "port" not in value:
                 obj.port = f.metadata["default_port"]
             kwargs[name] = obj
+        elif tp is list and item is str:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(p, f"expected an array of strings, got {value!r}")
+            choices = f.metadata.get("choices")
+            for i, v in enumerate(value):
+                if choices and v not in choices:
+                    raise ConfigError(f"{p}[{i}]", f"{v!r} is not one of {', '.join(choices)}")
+            kwargs[name] = list(value)
         elif tp is list:
             if not isinstance(value, list) or not value:
                 raise ConfigError(p, "expected a non-empty array of tables")
@@ -254,17 +295,20 @@ def sample(cls, indent: str = "", prefix: str = "") -> str:
             if "default_port" in f.metadata:
                 body = body.replace(f"port = {MetricsConfig.port}", f"port = {f.metadata['default_port']}")
             tables.append(f"# {help_}\n[{key}]\n{body}")
-        elif tp is list:
+        elif tp is list and dataclasses.is_dataclass(item):
             tables.append(f"# {help_}\n[[{key}]]\n{sample(item)}")
         else:
             required = f.default is MISSING and f.default_factory is MISSING
-            value = f.metadata["example"] if required else f.default
+            value = f.metadata["example"] if required else (
+                f.default_factory() if f.default_factory is not MISSING else f.default)
             lines.append(f"# {help_}{' (required)' if required else ''}")
             lines.append(f"{'' if required else '# '}{f.name} = {_toml(value)}")
     return "\n".join(lines + ([""] if lines and tables else []) + ["\n".join(tables)]).rstrip() + "\n"
 
 
 def _toml(v) -> str:
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, bool):

@@ -13,11 +13,13 @@ from prometheus_client import CollectorRegistry
 from ..core import logging as log
 from ..core.config import MobilityConfig, resolve_credential
 from ..core.errors import ConfigError, LifeboatError
+from .capture import Capturer, is_block_device
 from .digest_map import DigestMap
 from .digest_tracker import PendingBatch, ScanAborted, device_size, scan_disk
-from .metrics import MobilityMetrics
+from .metrics import RESYNC_REASONS, MobilityMetrics
 from .quiescer import run_script
 from .sender import BatchSender
+from .tracepoint import TracefsUnavailable, TracepointTracker
 
 logger = log.get("lifeboat.mobility")
 # Batches read ahead of the sender per disk. Peak memory per disk is about (QUEUE_BATCHES + 2) ×
@@ -32,6 +34,8 @@ class DiskState:
     path: str
     dmap: DigestMap
     resync_reason: str | None = None
+    full_reason: str | None = None                # the next cycle reads every block, and why
+    owed: list[tuple[int, int]] | None = None     # blocks of a failed cycle, retried by the next one
 
 
 class Agent:
@@ -42,6 +46,9 @@ class Agent:
         self.sender: BatchSender | None = None
         self.cycle = 0
         self.last_point: dict | None = None
+        self.tracker: TracepointTracker | None = None
+        self.capturer: Capturer | None = None
+        self._last_app = float("-inf")
 
     def _token(self) -> str:
         path = resolve_credential(self.config.process_server.token_file)
@@ -71,6 +78,41 @@ class Agent:
             state.name = d.id
             self.disks.append(state)
         self.cycle = max(s.dmap.cycle for s in self.disks)
+        self.tracker = self._start_tracker()
+        tracked = set(self.tracker.disks) if self.tracker else set()
+        for state in self.disks:
+            if state.disk_id not in tracked:
+                continue
+            # Writes made while no agent ran were not seen: the first cycle compares every block.
+            if state.resync_reason or state.dmap.cycle == 0:
+                state.full_reason = state.resync_reason or "initial_copy"
+            else:
+                state.full_reason = "agent_restart"
+                self.metrics.resyncs.labels("agent_restart").inc()
+                logger.warning("digest resync: writes while the agent was stopped are unknown", DISK=state.disk_id)
+        self.capturer = Capturer(cfg, {s.disk_id: s.path for s in self.disks}, self.tracker)
+
+    def _start_tracker(self) -> TracepointTracker | None:
+        """The tracepoint tracker for the block-device disks, or None (every cycle reads every block)."""
+        t = self.config.tracking
+        if t.tracker == "digest":
+            return None
+        devices = {s.disk_id: s.path for s in self.disks if is_block_device(s.path)}
+        files = [s.disk_id for s in self.disks if s.disk_id not in devices]
+        if files:
+            logger.info("digest tracker for disks that are not block devices", disks=files)
+        if not devices:
+            return None
+        tracker = TracepointTracker(devices, self.config.replication.block_size, f"lifeboat-{self.config.machine}",
+                                    buffer_kb=t.trace_buffer_kb, drain_interval=t.drain_interval_seconds)
+        try:
+            tracker.start()
+        except TracefsUnavailable as exc:
+            self.metrics.tracker_unavailable.inc()
+            logger.error("tracepoint tracker unavailable: falling back to the digest tracker", reason=str(exc))
+            return None
+        logger.info("tracepoint tracker started", disks=sorted(devices))
+        return tracker
 
     def _reconcile(self, disk_id: str, path: str, size: int, acked: int) -> DiskState:
         """Decide whether the persisted map can be trusted against what the process server has."""
@@ -103,44 +145,85 @@ class Agent:
         return DiskState("", disk_id, path, dmap, reason)
 
     async def close(self) -> None:
+        if self.tracker:
+            self.tracker.close()
         if self.sender:
             await self.sender.__aexit__(None, None, None)
 
     async def run_cycle(self) -> dict:
-        """One cycle: pre script → read + send every disk → post script → bookmark acked → map saved."""
+        """One cycle: [pre script] → freeze → snapshot + tracker epoch → thaw → [post script] → read the
+        epoch's dirty blocks from the snapshot → send → bookmark acknowledged → map saved → snapshot dropped."""
         cfg = self.config
+        loop = asyncio.get_running_loop()
         self.cycle += 1
         t0 = time.monotonic()
-        created = time.time()
-        point_id = f"{cfg.machine}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(created))}-{self.cycle:06d}"
+        point_id = f"{cfg.machine}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{self.cycle:06d}"
         env = {"LIFEBOAT_POINT_ID": point_id, "LIFEBOAT_MACHINE": cfg.machine, "LIFEBOAT_CYCLE": str(self.cycle)}
         q = cfg.consistency
-        consistency = "none"
-        if q.pre_script:
-            ok, why = await run_script(q.pre_script, "pre", q.script_timeout_seconds, env)
-            if ok:
+        app_due = bool(q.pre_script or q.post_script) and (
+            q.app_interval_seconds == 0 or t0 - self._last_app >= q.app_interval_seconds)
+        self._post_done = not app_due
+        pre_ok = app_due
+        if app_due and q.pre_script:
+            pre_ok, why = await run_script(q.pre_script, "pre", q.script_timeout_seconds, env)
+            if not pre_ok:
+                self.metrics.script_failures.labels("pre").inc()
+                logger.error("pre script failed: no app-consistent point this cycle", POINT=point_id, reason=why)
+        capture = None
+        try:
+            created = time.time()
+            wanted = {s.disk_id: (s.owed, s.full_reason) for s in self.disks}
+            capture = await loop.run_in_executor(None, self.capturer.capture, point_id, wanted)
+            self._note_capture(capture, point_id)
+            # With a live read ("none" provider) the writers must stay held until the reads are done.
+            live = any(d.snapshot.provider == "none" for d in capture.disks.values())
+            if app_due and not live:
+                await self._post(env, point_id)
+            if pre_ok and (capture.consistent or live):
+                consistency = "app"
+            elif capture.consistent:
                 consistency = "crash"
             else:
-                self.metrics.script_failures.labels("pre").inc()
-                logger.error("pre script failed: this point will not be marked consistent", POINT=point_id, reason=why)
-            created = time.time()
-        try:
-            results = await self._read_and_send(point_id, created, consistency, run_post=bool(q.post_script), env=env)
+                consistency = "none"
+            results = await self._read_and_send(point_id, created, consistency, capture, env=env)
         except BaseException:
-            if q.post_script and not self._post_done:
+            if not self._post_done:
                 await self._post(env, point_id)
             self.cycle -= 1
             self.metrics.cycles.labels("failed").inc()
             raise
+        finally:
+            if capture:
+                await loop.run_in_executor(None, capture.drop)
+        if consistency == "app":
+            self._last_app = t0
         seconds = time.monotonic() - t0
         self.metrics.cycles.labels("ok").inc()
         self.metrics.cycle_seconds.observe(seconds)
         self.metrics.last_point.set(created)
         self.last_point = {"point_id": point_id, "created": created, "consistency": consistency}
         logger.info("cycle complete", POINT=point_id, consistency=consistency, seconds=round(seconds, 3),
-                    changed_bytes=sum(r.changed_bytes for r in results),
-                    zeroed_bytes=sum(r.zero_bytes for r in results), disks=len(results))
+                    changed_bytes=sum(r.changed_bytes for r in results), read_bytes=sum(r.read_bytes for r in results),
+                    zeroed_bytes=sum(r.zero_bytes for r in results), disks=len(results),
+                    freeze_ms=None if capture.freeze_seconds is None else round(capture.freeze_seconds * 1000, 1),
+                    snapshots=",".join(sorted({d.snapshot.provider for d in capture.disks.values()})))
         return {**self.last_point, "cycle": self.cycle}
+
+    def _note_capture(self, capture, point_id: str) -> None:
+        """Metrics and events of a capture; remember what each disk owes until its batches are acknowledged."""
+        if capture.freeze_seconds is not None:
+            self.metrics.freeze_seconds.observe(capture.freeze_seconds)
+        for state in self.disks:
+            d = capture.disks[state.disk_id]
+            self.metrics.snapshots.labels(d.snapshot.provider).inc()
+            if d.full_reason and d.full_reason != state.full_reason and d.full_reason != "digest_tracker":
+                reason = d.full_reason.split(":", 1)[0]
+                reason = reason if reason in RESYNC_REASONS else "tracking_lost"  # bounded label values
+                self.metrics.resyncs.labels(reason).inc()
+                logger.warning("digest resync: change tracking lost", DISK=state.disk_id, POINT=point_id,
+                               reason=d.full_reason)
+            # Until this cycle is acknowledged, these blocks are owed (a failed cycle retries them).
+            state.full_reason, state.owed = (d.full_reason, None) if d.ranges is None else (None, d.ranges)
 
     async def _post(self, env: dict, point_id: str) -> None:
         self._post_done = True
@@ -150,11 +233,11 @@ class Agent:
             self.metrics.script_failures.labels("post").inc()
             logger.error("post script failed", POINT=point_id, reason=why)
 
-    async def _read_and_send(self, point_id: str, created: float, consistency: str, run_post: bool, env: dict):
-        self._post_done = False
+    async def _read_and_send(self, point_id: str, created: float, consistency: str, capture, env: dict):
         loop = asyncio.get_running_loop()
         abort = threading.Event()
         rep = self.config.replication
+        run_post = not self._post_done
 
         queues: dict[str, asyncio.Queue] = {}
         scans: dict[str, asyncio.Future] = {}
@@ -177,9 +260,10 @@ class Agent:
                         "consistency": consistency, "cycle": self.cycle, "block_size": rep.block_size,
                         "image_digest": image_digest}
 
+            d = capture.disks[state.disk_id]
             scans[state.disk_id] = loop.run_in_executor(
                 None, scan_disk, state.path, state.disk_id, state.dmap, state.dmap.seq + 1, rep.extent_max_bytes,
-                rep.batch_bytes, bookmark, put, abort.is_set)
+                rep.batch_bytes, bookmark, put, abort.is_set, d.ranges, d.snapshot.readinto)
 
         async def send_disk(state: DiskState):
             queue = queues[state.disk_id]
@@ -215,6 +299,7 @@ class Agent:
             raise
         await post_task
         for state, result in done:
+            state.full_reason, state.owed = None, None
             state.dmap.digests = result.digests
             state.dmap.seq = result.last_seq
             state.dmap.cycle = self.cycle

@@ -92,9 +92,13 @@ class DigestMap:
             os.close(fd)
 
     def mark_unknown_on_disk(self, ranges: list[tuple[int, int]]) -> None:
-        """Before sending blocks, make the persisted map forget them (write-ahead of the send)."""
+        """Before sending blocks, make the map forget them (write-ahead of the send), on disk and in
+        memory: if the cycle fails after the server took the batch, the next cycle must resend them
+        even if their content went back to what the old digest says."""
         if not ranges:
             return
+        for first, count in ranges:
+            self.digests[first * DIGEST_BYTES: (first + count) * DIGEST_BYTES] = UNKNOWN_DIGEST * count
         fd = os.open(self.path, os.O_WRONLY)
         try:
             for first, count in ranges:

@@ -48,13 +48,21 @@ class ScanAborted(Exception):
     pass
 
 
+def whole_disk(dmap: DigestMap) -> list[tuple[int, int]]:
+    return [(0, -(-dmap.disk_size // dmap.block_size))]
+
+
 def scan_disk(path: str, disk_id: str, dmap: DigestMap, first_seq: int, extent_max: int, batch_bytes: int,
               bookmark: Callable[[str], dict], put: Callable[[PendingBatch], None],
-              aborted: Callable[[], bool]) -> ScanResult:
-    """Compare every block with the map; put() full batches; the last batch carries the bookmark.
+              aborted: Callable[[], bool], ranges: list[tuple[int, int]] | None = None,
+              readinto: Callable[[memoryview, int], int] | None = None) -> ScanResult:
+    """Compare the blocks in `ranges` (default: all) with the map; put() full batches; the last carries the bookmark.
 
-    bookmark(image_digest) returns the point's bookmark fields; the image digest is that of the
-    map after this scan, i.e. of exactly the bytes the replica will hold at the point.
+    A change tracker narrows `ranges` to the blocks it saw written; reading them and comparing
+    digests keeps the map exact, so over-reported blocks cost a read but are not sent. `readinto`
+    reads from a snapshot instead of `path`. bookmark(image_digest) returns the point's bookmark
+    fields; the image digest is that of the map after this scan, i.e. of exactly the bytes the
+    replica will hold at the point.
     """
     bs = dmap.block_size
     size = dmap.disk_size
@@ -66,54 +74,62 @@ def scan_disk(path: str, disk_id: str, dmap: DigestMap, first_seq: int, extent_m
     buf = bytearray(extent_max)
     view = memoryview(buf)
     changed = zeros = read = 0
-    fd = os.open(path, os.O_RDONLY)
+    full = ranges is None
+    ranges = whole_disk(dmap) if full else ranges
+    fd = os.open(path, os.O_RDONLY) if readinto is None else -1
+    if readinto is None:
+        def readinto(v: memoryview, offset: int) -> int:
+            return os.preadv(fd, [v], offset)
+        if full:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        offset = 0
-        while offset < size:
-            if aborted():
-                raise ScanAborted()
-            want = min(extent_max, size - offset)
-            got = os.preadv(fd, [view[:want]], offset)
-            if got != want:
-                raise OSError(f"short read on {path} at {offset}: {got} of {want} bytes (disk shrank?)")
-            read += got
-            run_kind, run_start = None, 0
-            nblocks = -(-want // bs)
-            first_block = offset // bs
-            for j in range(nblocks + 1):
-                kind = None
-                if j < nblocks:
-                    chunk = view[j * bs: min((j + 1) * bs, want)]
-                    d = block_digest(chunk)
-                    i = first_block + j
-                    if d != digests[i * DIGEST_BYTES: (i + 1) * DIGEST_BYTES]:
-                        if len(chunk) == bs:
-                            is_zero = d == zero_full
-                        else:
-                            zero_tail = zero_tail or zero_block_digest(len(chunk))
-                            is_zero = d == zero_tail
-                        kind = "zero" if is_zero else "data"
-                        digests[i * DIGEST_BYTES: (i + 1) * DIGEST_BYTES] = d
-                if kind != run_kind:
-                    if run_kind is not None:  # close the run [run_start, j)
-                        a, b = run_start * bs, min(j * bs, want)
-                        if run_kind == "data":
-                            builder.write(offset + a, bytes(view[a:b]))
-                            changed += b - a
-                        else:
-                            builder.zero(offset + a, b - a)
-                            zeros += b - a
-                        pending.block_ranges.append((first_block + run_start, j - run_start))
-                    run_kind, run_start = kind, j
-            offset += want
-            if builder.payload_bytes >= batch_bytes:
-                put(pending)
-                seq += 1
-                builder = BatchBuilder(disk_id, seq, size)
-                pending = PendingBatch(builder)
+        for first, count in ranges:
+            offset, end = first * bs, min((first + count) * bs, size)
+            while offset < end:
+                if aborted():
+                    raise ScanAborted()
+                want = min(extent_max, end - offset)
+                got = readinto(view[:want], offset)
+                if got != want:
+                    raise OSError(f"short read on {path} at {offset}: {got} of {want} bytes (disk shrank?)")
+                read += got
+                run_kind, run_start = None, 0
+                nblocks = -(-want // bs)
+                first_block = offset // bs
+                for j in range(nblocks + 1):
+                    kind = None
+                    if j < nblocks:
+                        chunk = view[j * bs: min((j + 1) * bs, want)]
+                        d = block_digest(chunk)
+                        i = first_block + j
+                        if d != digests[i * DIGEST_BYTES: (i + 1) * DIGEST_BYTES]:
+                            if len(chunk) == bs:
+                                is_zero = d == zero_full
+                            else:
+                                zero_tail = zero_tail or zero_block_digest(len(chunk))
+                                is_zero = d == zero_tail
+                            kind = "zero" if is_zero else "data"
+                            digests[i * DIGEST_BYTES: (i + 1) * DIGEST_BYTES] = d
+                    if kind != run_kind:
+                        if run_kind is not None:  # close the run [run_start, j)
+                            a, b = run_start * bs, min(j * bs, want)
+                            if run_kind == "data":
+                                builder.write(offset + a, bytes(view[a:b]))
+                                changed += b - a
+                            else:
+                                builder.zero(offset + a, b - a)
+                                zeros += b - a
+                            pending.block_ranges.append((first_block + run_start, j - run_start))
+                        run_kind, run_start = kind, j
+                offset += want
+                if builder.payload_bytes >= batch_bytes:
+                    put(pending)
+                    seq += 1
+                    builder = BatchBuilder(disk_id, seq, size)
+                    pending = PendingBatch(builder)
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
     builder.bookmark(bookmark(image_digest(digests)))
     pending.last = True
     put(pending)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-RESYNC_REASONS = ("no_local_state", "geometry_changed", "server_behind", "map_damaged")
+RESYNC_REASONS = ("no_local_state", "geometry_changed", "server_behind", "map_damaged", "agent_restart",
+                  "ring_overrun", "tracking_lost")
+SNAPSHOT_PROVIDERS = ("reflink", "lvm", "freeze-copy", "none")
 
 
 class MobilityMetrics:
@@ -20,4 +22,14 @@ class MobilityMetrics:
         for reason in RESYNC_REASONS:
             self.resyncs.labels(reason)
         self.last_point = Gauge("lifeboat_mobility_last_point_timestamp_seconds", "Capture time of the newest point", registry=r)
+        self.freeze_seconds = Histogram("lifeboat_mobility_freeze_seconds",
+                                        "Filesystem freeze window per cycle (first freeze to last thaw)",
+                                        buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.snapshots = Counter("lifeboat_mobility_snapshots_total", "Per-disk cycle snapshots, by provider",
+                                 ["provider"], registry=r)
+        for provider in SNAPSHOT_PROVIDERS:
+            self.snapshots.labels(provider)
+        self.tracker_unavailable = Counter("lifeboat_mobility_tracker_unavailable_total",
+                                           "Times the tracepoint tracker could not start (digest used instead)",
+                                           registry=r)
         self.script_failures = Counter("lifeboat_mobility_script_failures_total", "Failed pre/post scripts", ["phase"], registry=r)

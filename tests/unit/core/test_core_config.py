@@ -242,3 +242,14 @@ def test_credentials_directory(monkeypatch, tmp_path):
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY"):
         config.resolve_credential("%d/agent.token")
+
+
+def test_snapshot_providers_are_an_ordered_list_of_known_names(tmp_path):
+    cfg = load_text(tmp_path, MobilityConfig, mobility_toml() + '[snapshot]\nproviders = ["freeze-copy", "none"]\n')
+    assert cfg.snapshot.providers == ["freeze-copy", "none"]
+    assert load_text(tmp_path, MobilityConfig, mobility_toml()).snapshot.providers == [
+        "reflink", "lvm", "freeze-copy", "none"]
+    err = config_error(tmp_path, MobilityConfig, mobility_toml() + '[snapshot]\nproviders = ["reflink", "zfs"]\n')
+    assert err.path == "snapshot.providers[1]" and "'zfs' is not one of reflink, lvm, freeze-copy, none" in str(err)
+    err = config_error(tmp_path, MobilityConfig, mobility_toml() + '[snapshot]\nproviders = "reflink"\n')
+    assert err.path == "snapshot.providers" and "expected an array of strings" in str(err)

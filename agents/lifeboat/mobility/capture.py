@@ -1,0 +1,154 @@
+"""One cycle's point in time: freeze, tracker epoch switch and snapshots, with provider fallback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import time
+from dataclasses import dataclass
+
+from ..core import logging as log
+from ..core.config import MobilityConfig
+from .extents import merge_ranges
+from .freeze import FreezeError, Frozen, mounted_filesystems
+from .snapshot import Snapshot, SnapshotError, SnapshotProvider, SnapshotTooLarge, make_provider
+
+logger = log.get("lifeboat.mobility.capture")
+
+
+def is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+@dataclass
+class DiskCapture:
+    """What one disk's cycle reads: which blocks (None = all of them) from which snapshot."""
+    disk_id: str
+    ranges: list[tuple[int, int]] | None
+    snapshot: Snapshot
+    full_reason: str | None          # why every block is read (initial copy, resync, digest tracker)
+    consistent: bool
+
+
+@dataclass
+class Capture:
+    disks: dict[str, DiskCapture]
+    frozen: list[str]                # mount points that were frozen
+    freeze_seconds: float | None     # first freeze to last thaw, None when nothing was frozen
+    freeze_error: str | None = None
+    seconds: float = 0.0             # drain + snapshots + rotate (inside the freeze window when frozen)
+
+    @property
+    def consistent(self) -> bool:
+        return all(d.consistent for d in self.disks.values())
+
+    def drop(self) -> None:
+        for d in self.disks.values():
+            try:
+                d.snapshot.drop()
+            except SnapshotError as exc:
+                logger.error("snapshot not dropped", DISK=d.disk_id, error=str(exc))
+
+
+class Capturer:
+    """Takes each cycle's snapshots; remembers providers that cannot work for a disk (no reflink, not LVM)."""
+
+    def __init__(self, config: MobilityConfig, devices: dict[str, str], tracker) -> None:
+        self.config = config
+        self.devices = devices              # disk_id -> path
+        self.tracker = tracker              # TracepointTracker covering the block-device disks, or None
+        snap = config.snapshot
+        options = {"reflink": {"dir": snap.dir or None, "keep": snap.keep},
+                   "lvm": {"size": snap.lvm_size},
+                   "freeze-copy": {"max_bytes": snap.freeze_copy_max_bytes},
+                   "none": {}}
+        self.providers: list[SnapshotProvider] = [make_provider(n, **options[n]) for n in snap.providers]
+        if not any(p.name == "none" for p in self.providers):
+            # Without a last resort a disk with no usable provider could never replicate; its points
+            # are then honestly "none" (not consistent), which the operator sees in `lifeboat points`.
+            self.providers.append(make_provider("none"))
+        self.unusable: dict[str, set[str]] = {d: set() for d in devices}
+
+    def mountpoints(self) -> list[str]:
+        if not self.config.consistency.freeze:
+            return []
+        found: list[str] = []
+        for path in self.devices.values():
+            if is_block_device(path):
+                found += [m for m in mounted_filesystems(path) if m not in found]
+        return found
+
+    def capture(self, tag: str, wanted: dict[str, tuple[list[tuple[int, int]] | None, str | None]]) -> Capture:
+        """wanted: disk_id -> (ranges still owed from failed cycles, reason to read everything or None)."""
+        mounts = self.mountpoints()
+        freeze_error = None
+        if mounts:
+            try:
+                return self._capture(tag, wanted, mounts)
+            except FreezeError as exc:
+                # Frozen() thawed whatever it had frozen. A snapshot alone is still one instant of the
+                # block device, only without the filesystem's cooperation.
+                freeze_error = str(exc)
+                logger.error("filesystem freeze failed: snapshot taken without it", error=freeze_error,
+                             mountpoints=mounts)
+        cap = self._capture(tag, wanted, [])
+        cap.freeze_error = freeze_error
+        return cap
+
+    def _capture(self, tag: str, wanted, mounts: list[str]) -> Capture:
+        """Drain the tracker, snapshot, then rotate its epoch with overlap: a write racing the
+        snapshot is reported in both epochs (over-reporting is safe, under-reporting loses data).
+        Nothing is logged while frozen (the log could live on a frozen filesystem): messages wait."""
+        block_size = self.config.replication.block_size
+        done: dict[str, DiskCapture] = {}
+        self._deferred: list[tuple[str, str, dict]] = []
+        frozen = Frozen(mounts, self.config.consistency.freeze_timeout_seconds) if mounts else None
+        t0 = time.monotonic()
+        try:
+            with frozen if frozen else contextlib.nullcontext():
+                if self.tracker:
+                    self.tracker.drain()
+                early = {d: self._create(d, tag, None, block_size, ("reflink", "lvm")) for d in self.devices}
+                epochs = self.tracker.rotate(overlap=True) if self.tracker else {}
+                for disk_id in self.devices:
+                    owed, full_reason = wanted[disk_id]
+                    epoch = epochs.get(disk_id)
+                    if epoch is None:
+                        full_reason = full_reason or "digest_tracker"
+                    elif epoch.lost:
+                        full_reason = full_reason or epoch.lost
+                    ranges = None if full_reason else merge_ranges((owed or []) + epoch.ranges)
+                    snap = early[disk_id] or self._create(disk_id, tag, ranges, block_size, ("freeze-copy", "none"))
+                    consistent = snap.consistent and (snap.provider != "freeze-copy" or bool(frozen))
+                    done[disk_id] = DiskCapture(disk_id, ranges, snap, full_reason, consistent)
+        except BaseException:
+            for d in done.values():
+                d.snapshot.drop()
+            raise
+        finally:
+            for level, event, kw in self._deferred:
+                getattr(logger, level)(event, **kw)
+        return Capture(done, mounts, frozen.window_seconds if frozen else None, None, time.monotonic() - t0)
+
+    def _create(self, disk_id: str, tag: str, ranges, block_size: int, allowed: tuple[str, ...]) -> Snapshot | None:
+        path = self.devices[disk_id]
+        for provider in self.providers:
+            if provider.name not in allowed or provider.name in self.unusable[disk_id]:
+                continue
+            if ranges is None and provider.name == "freeze-copy":
+                continue  # it would copy the whole disk while frozen
+            try:
+                return provider.create(disk_id, path, tag, ranges or [], block_size)
+            except SnapshotTooLarge as exc:
+                self._deferred.append(("info", "snapshot provider skipped this cycle",
+                                       {"DISK": disk_id, "provider": provider.name, "reason": str(exc)}))
+            except SnapshotError as exc:
+                # Structural (no reflink on this filesystem, not a logical volume): stop trying it.
+                self.unusable[disk_id].add(provider.name)
+                self._deferred.append(("warning", "snapshot provider unusable for this disk",
+                                       {"DISK": disk_id, "provider": provider.name, "reason": str(exc)}))
+        return None

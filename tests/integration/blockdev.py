@@ -1,0 +1,109 @@
+"""Real block devices for integration tests: an ext4 loop device whose backing image lives on a reflink XFS."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+def run(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        if os.environ.get("LIFEBOAT_REQUIRE_ROOT_TESTS") == "1":
+            pytest.fail("these tests need root (loop devices, mount, tracefs)", pytrace=False)
+        pytest.skip("needs root: loop devices, mount, tracefs")
+
+
+@dataclass
+class TrackedDisk:
+    device: str        # /dev/loopN holding ext4, mounted at `mountpoint`
+    backing: Path      # its image file, on a reflink-capable XFS
+    mountpoint: Path
+    snapshot_dir: Path
+
+    def clone_sha256(self, tag: str, disk_id: str) -> str:
+        """SHA-256 of the reflink clone the agent kept for a point (the oracle)."""
+        return sha256(self.snapshot_dir / f"{disk_id}.{tag}.snap")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def tracked_ext4(tmp: Path, size_mib: int = 128, xfs_mib: int = 2048):
+    """ext4 on /dev/loopN; its backing file on a loop-mounted XFS with reflink; all removed afterwards."""
+    require_root()
+    xfs_img, xfs_mnt, mnt = tmp / "xfs.img", tmp / "xfs", tmp / "mnt"
+    xfs_mnt.mkdir()
+    mnt.mkdir()
+    cleanup: list[list[str]] = []
+    try:
+        with open(xfs_img, "wb") as f:
+            f.truncate(xfs_mib << 20)
+        run("mkfs.xfs", "-q", "-m", "reflink=1", str(xfs_img))
+        run("mount", "-o", "loop", str(xfs_img), str(xfs_mnt))
+        cleanup.append(["umount", "-l", str(xfs_mnt)])
+        backing = xfs_mnt / "disk.img"
+        with open(backing, "wb") as f:
+            f.truncate(size_mib << 20)
+        device = run("losetup", "-f", "--show", str(backing))
+        cleanup.append(["losetup", "-d", device])
+        run("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", device)
+        run("mount", device, str(mnt))
+        cleanup.append(["umount", str(mnt)])
+        snapshots = xfs_mnt / "snapshots"
+        snapshots.mkdir()
+        yield TrackedDisk(device, backing, mnt, snapshots)
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(mnt)], capture_output=True)  # never leave it frozen
+        for cmd in reversed(cleanup):
+            for _ in range(20):
+                if subprocess.run(cmd, capture_output=True).returncode == 0:
+                    break
+                time.sleep(0.25)
+
+
+WRITER = r'''
+import os, random, sys, time
+path, size, rate, seed = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+rng = random.Random(seed)
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+os.ftruncate(fd, size)
+block = 4096
+per_tick = max(1, int(rate / block / 100))
+n = 0
+while True:
+    for _ in range(per_tick):
+        os.pwrite(fd, rng.randbytes(block), rng.randrange(size // block) * block)
+        n += 1
+    if n % 64 == 0:
+        os.fsync(fd)
+    time.sleep(0.01)
+'''
+
+
+def start_writer(path: Path, size: int, bytes_per_second: float, seed: int) -> subprocess.Popen:
+    """Random 4 KiB writes into one file at about the given rate, fsync now and then, until killed."""
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(size), str(bytes_per_second), str(seed)])
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
