@@ -269,7 +269,7 @@ class Agent:
             queue = queues[state.disk_id]
             while True:
                 pending = await queue.get()
-                await loop.run_in_executor(None, state.dmap.mark_unknown_on_disk, pending.block_ranges)
+                await loop.run_in_executor(None, state.dmap.mark_unknown, pending.block_ranges)
                 body = pending.builder.to_bytes()
                 await self.sender.send(state.disk_id, pending.builder.seq, body)
                 self.metrics.sent_bytes.inc(len(body))

@@ -91,7 +91,7 @@ class DigestMap:
         finally:
             os.close(fd)
 
-    def mark_unknown_on_disk(self, ranges: list[tuple[int, int]]) -> None:
+    def mark_unknown(self, ranges: list[tuple[int, int]]) -> None:
         """Before sending blocks, make the map forget them (write-ahead of the send), on disk and in
         memory: if the cycle fails after the server took the batch, the next cycle must resend them
         even if their content went back to what the old digest says."""

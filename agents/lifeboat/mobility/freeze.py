@@ -155,6 +155,7 @@ class Frozen:
         out.close()
 
     def __enter__(self) -> "Frozen":
+        self.thawed_early, self.thaw_errors, self.window_seconds = [], [], 0.0
         try:
             self._open_targets()
             if not self._fds:
@@ -166,19 +167,23 @@ class Frozen:
             raise
         # From here until the last thaw: no logging, no imports, no file writes.
         self._t0 = time.monotonic()
-        failure: tuple[str, OSError]
-        for path, fd in self._fds:
-            try:
-                fcntl.ioctl(fd, FIFREEZE, 0)
-            except OSError as exc:
-                failure = (path, exc)
-                break
-            self._frozen.append((path, fd))
-        else:
+        failure: tuple[str, OSError] | None = None
+        try:
+            for path, fd in self._fds:
+                try:
+                    fcntl.ioctl(fd, FIFREEZE, 0)
+                except OSError as exc:
+                    failure = (path, exc)
+                    break
+                self._frozen.append((path, fd))
+        finally:
+            if failure is not None or sys.exc_info()[0] is not None:
+                # A failed freeze (or Ctrl-C mid-way) thaws what we froze, not what others froze.
+                self.thaw_errors = self._thaw_all()
+                self._stop_watchdog(done=not self.thaw_errors)
+                self._close_fds()
+        if failure is None:
             return self
-        self.thaw_errors = self._thaw_all()
-        self._stop_watchdog(done=not self.thaw_errors)
-        self._close_fds()
         path, exc = failure
         reason = {errno.EBUSY: "it is already frozen (fsfreeze or another agent?)",
                   errno.EOPNOTSUPP: "the filesystem does not support freezing",
