@@ -14,8 +14,7 @@ import subprocess
 import time
 
 import pytest
-
-from blockdev import start_writer, stop, tracked_ext4
+from blockdev import NeedsRoot, start_writer, stop, tracked_ext4
 from lab import sha256_file
 
 DISK_MIB = 128
@@ -23,6 +22,10 @@ DISK_MIB = 128
 
 @pytest.fixture
 def disk(tmp_path):
+    if os.geteuid() != 0:
+        if os.environ.get("LIFEBOAT_REQUIRE_ROOT_TESTS") == "1":
+            pytest.fail("these tests need root (loop devices, mount, tracefs)", pytrace=False)
+        pytest.skip("needs root: loop devices, mount, tracefs")
     with tracked_ext4(tmp_path, DISK_MIB) as d:
         yield d
 

@@ -206,7 +206,8 @@ class Agent:
                     changed_bytes=sum(r.changed_bytes for r in results), read_bytes=sum(r.read_bytes for r in results),
                     zeroed_bytes=sum(r.zero_bytes for r in results), disks=len(results),
                     freeze_ms=None if capture.freeze_seconds is None else round(capture.freeze_seconds * 1000, 1),
-                    snapshots=",".join(sorted({d.snapshot.provider for d in capture.disks.values()})))
+                    snapshots=",".join(sorted({d.snapshot.provider for d in capture.disks.values()})),
+                    capture_ms=" ".join(f"{k}:{v * 1000:.1f}" for k, v in (capture.phases or {}).items()))
         return {**self.last_point, "cycle": self.cycle}
 
     def _note_capture(self, capture, point_id: str) -> None:

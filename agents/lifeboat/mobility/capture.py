@@ -41,6 +41,7 @@ class Capture:
     freeze_seconds: float | None     # first freeze to last thaw, None when nothing was frozen
     freeze_error: str | None = None
     seconds: float = 0.0             # drain + snapshots + rotate (inside the freeze window when frozen)
+    phases: dict[str, float] | None = None   # seconds per step: freeze (incl. watchdog start), drain, snapshot, rotate
 
     @property
     def consistent(self) -> bool:
@@ -110,10 +111,14 @@ class Capturer:
         t0 = time.monotonic()
         try:
             with frozen if frozen else contextlib.nullcontext():
+                t1 = time.monotonic()
                 if self.tracker:
                     self.tracker.drain()
+                t2 = time.monotonic()
                 early = {d: self._create(d, tag, None, block_size, ("reflink", "lvm")) for d in self.devices}
+                t3 = time.monotonic()
                 epochs = self.tracker.rotate(overlap=True) if self.tracker else {}
+                t4 = time.monotonic()
                 for disk_id in self.devices:
                     owed, full_reason = wanted[disk_id]
                     epoch = epochs.get(disk_id)
@@ -125,6 +130,13 @@ class Capturer:
                     snap = early[disk_id] or self._create(disk_id, tag, ranges, block_size, ("freeze-copy", "none"))
                     consistent = snap.consistent and (snap.provider != "freeze-copy" or bool(frozen))
                     done[disk_id] = DiskCapture(disk_id, ranges, snap, full_reason, consistent)
+            if frozen and not frozen.intact:
+                # Someone thawed a filesystem before we did: the snapshot may hold a torn state.
+                for d in done.values():
+                    d.consistent = False
+                self._deferred.append(("error", "a filesystem was thawed before the snapshot was complete: "
+                                       "this point is not consistent", {"thawed_early": frozen.thawed_early,
+                                                                        "thaw_errors": frozen.thaw_errors}))
         except BaseException:
             for d in done.values():
                 d.snapshot.drop()
@@ -132,7 +144,8 @@ class Capturer:
         finally:
             for level, event, kw in self._deferred:
                 getattr(logger, level)(event, **kw)
-        return Capture(done, mounts, frozen.window_seconds if frozen else None, None, time.monotonic() - t0)
+        phases = {"freeze": t1 - t0, "drain": t2 - t1, "snapshot": t3 - t2, "rotate": t4 - t3}
+        return Capture(done, mounts, frozen.window_seconds if frozen else None, None, time.monotonic() - t0, phases)
 
     def _create(self, disk_id: str, tag: str, ranges, block_size: int, allowed: tuple[str, ...]) -> Snapshot | None:
         path = self.devices[disk_id]

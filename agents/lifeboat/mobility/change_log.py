@@ -22,6 +22,8 @@ the disk is resynced.
 Epochs are the cycle engine's epoch numbers: non-negative and increasing, also across restarts
 (start at ``last_epoch + 1``). ``acknowledge(E)`` must only be called for closed epochs (no more
 ``add_*`` for them will come); an add for an already acknowledged epoch is kept, never dropped.
+Data given to ``add_data`` for an epoch is that epoch's final content of those blocks (freeze-copy
+copies at the epoch switch); a later epoch's extents make it stale (then ``read_ranges`` has them).
 Thread-safe: the tracker may add while the sender reads ``pending()`` and acknowledges.
 """
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import fcntl
 import os
@@ -23,6 +25,14 @@ FITHAW = 0xC0045878
 WATCHDOG_START_TIMEOUT = 15.0   # seconds for the watchdog's interpreter to start and say "armed"
 WATCHDOG_EXIT_TIMEOUT = 5.0     # seconds for it to exit after "thawed" before we kill it
 _AGENT_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])   # the directory holding "lifeboat/"
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def _syncfs(fd: int) -> None:
+    """syncfs(2): best effort (FIFREEZE flushes whatever is left)."""
+    _libc.syncfs(fd)
 
 
 class FreezeError(LifeboatError):
@@ -162,6 +172,10 @@ class Frozen:
                 return self
             logger.debug("freezing", mountpoints=[p for p, _ in self._fds], deadline=self.timeout)
             self._start_watchdog()
+            # Write dirty data back before freezing: FIFREEZE must flush whatever is still dirty,
+            # and the writers are blocked for as long as that takes.
+            for _path, fd in self._fds:
+                _syncfs(fd)
         except BaseException:
             self._close_fds()
             raise
@@ -176,20 +190,24 @@ class Frozen:
                     failure = (path, exc)
                     break
                 self._frozen.append((path, fd))
-        finally:
-            if failure is not None or sys.exc_info()[0] is not None:
-                # A failed freeze (or Ctrl-C mid-way) thaws what we froze, not what others froze.
-                self.thaw_errors = self._thaw_all()
-                self._stop_watchdog(done=not self.thaw_errors)
-                self._close_fds()
+        except BaseException:   # Ctrl-C mid-way
+            self._undo_freeze()
+            raise
         if failure is None:
             return self
+        self._undo_freeze()
         path, exc = failure
         reason = {errno.EBUSY: "it is already frozen (fsfreeze or another agent?)",
                   errno.EOPNOTSUPP: "the filesystem does not support freezing",
                   errno.EPERM: "freezing needs CAP_SYS_ADMIN"}.get(exc.errno, exc.strerror)
         logger.error("freeze failed", mountpoint=path, reason=reason)
         raise FreezeError(f"cannot freeze {path}: {reason}; the filesystems frozen before it were thawed")
+
+    def _undo_freeze(self) -> None:
+        # Thaws what we froze, never what someone else had frozen (that freeze failed with EBUSY).
+        self.thaw_errors = self._thaw_all()
+        self._stop_watchdog(done=not self.thaw_errors)
+        self._close_fds()
 
     # -- exit ------------------------------------------------------------------------------------
 

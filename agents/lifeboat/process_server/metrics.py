@@ -27,4 +27,7 @@ class ProcessServerMetrics:
                                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
         self.upload_errors = Counter("lifeboat_ps_upload_errors_total", "Failed segment uploads, by kind", ["kind"], registry=r)
         self.points = Counter("lifeboat_ps_points_published_total", "Recovery points published to the catalog", registry=r)
+        self.last_point = Gauge("lifeboat_ps_last_point_timestamp_seconds",
+                                "Capture time of the newest recovery point published, per disk (RPO = now - this)",
+                                ["disk"], registry=r)
         self.uploaded_seq = Gauge("lifeboat_ps_uploaded_seq", "Highest uploaded sequence number, per disk", ["disk"], registry=r)

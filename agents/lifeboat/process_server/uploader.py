@@ -109,7 +109,7 @@ class DiskUploader:
                     block_size=int(bm.get("block_size", 0)), image_digest=str(bm.get("image_digest", "")),
                 )
                 await self.repo.put_point(entry)
-                points.append(entry.point_id)
+                points.append(entry)
         await loop.run_in_executor(self.pool, self.cache.mark_uploaded, self.disk_id, seq)
         elapsed = time.monotonic() - t0
         m = self.metrics
@@ -117,6 +117,8 @@ class DiskUploader:
         m.upload_source_bytes.inc(source)
         m.upload_stored_bytes.inc(stored)
         m.points.inc(len(points))
+        if points:
+            m.last_point.labels(self.disk_id).set(max(p.created for p in points))
         if stored:
             m.compression_ratio.set(source / stored)
         m.uploaded_seq.labels(self.disk_id).set(seq)
@@ -124,4 +126,4 @@ class DiskUploader:
         m.cache_used.set(self.cache.used_bytes)
         m.cache_free_ratio.set(self.cache.free_ratio)
         logger.info("segment uploaded", DISK=self.disk_id, BATCH=seq, frames=len(frames), source_bytes=source,
-                    stored_bytes=stored, seconds=round(elapsed, 3), POINT=",".join(points) or None)
+                    stored_bytes=stored, seconds=round(elapsed, 3), POINT=",".join(p.point_id for p in points) or None)

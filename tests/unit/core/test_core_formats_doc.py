@@ -7,10 +7,11 @@ from pathlib import Path
 
 import lifeboat.core as core
 from lifeboat.core import compression, crypto, keys, sealed, segment, wire, catalog
-from lifeboat.mobility import digest_map
+from lifeboat.mobility import change_log, digest_map
 
 DOC = Path(core.__file__).with_name("FORMATS.md")
-MODULES = {m.__name__.rsplit(".", 1)[1]: m for m in (compression, crypto, keys, sealed, segment, wire, catalog, digest_map)}
+MODULES = {m.__name__.rsplit(".", 1)[1]: m for m in (compression, crypto, keys, sealed, segment, wire, catalog, digest_map,
+                                                        change_log)}
 ROW = re.compile(r"^\|\s*`(\w+)\.(\w+)`\s*\|\s*`([^`]+)`\s*\|")
 
 
@@ -39,7 +40,7 @@ def test_every_format_constant_in_the_code_is_documented():
     documented = {(m, n) for m, n, _ in doc_constants()}
     pattern = re.compile(r"(MAGIC|VERSION|_HEADER$|ENTRY$|TRAILER$|^FRAME_|CHECKSUM$)")
     missing = []
-    for mod_name in ("wire", "segment", "sealed", "keys", "digest_map"):
+    for mod_name in ("wire", "segment", "sealed", "keys", "digest_map", "change_log"):
         source = Path(MODULES[mod_name].__file__).read_text()
         for name, value in vars(MODULES[mod_name]).items():
             defined_here = re.search(rf"^{name}\s*=", source, re.M)
@@ -57,3 +58,6 @@ def test_documented_struct_sizes_are_what_the_text_says():
     assert segment.INDEX_ENTRY.size == 44
     assert segment.SEGMENT_TRAILER.size == 16
     assert digest_map.DIGEST_MAP_HEADER.size <= digest_map.DIGEST_MAP_HEADER_BYTES
+    assert change_log.HRL_HEADER.size == 24
+    assert change_log.RECORD_HEADER.size == 8
+    assert change_log.BITMAP_BODY.size == 28

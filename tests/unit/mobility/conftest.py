@@ -106,8 +106,8 @@ def _needs_root_and_tools() -> None:
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if os.geteuid() != 0 or missing or not os.path.exists("/dev/loop-control"):
         reason = f"needs root, /dev/loop-control and {', '.join(missing) or 'the block tools'}"
-        if os.environ.get("LIFEBOAT_REQUIRE_LOOP") == "1":
-            pytest.fail(f"{reason} (LIFEBOAT_REQUIRE_LOOP=1 forbids skipping)", pytrace=False)
+        if os.environ.get("LIFEBOAT_REQUIRE_ROOT_TESTS") == "1":
+            pytest.fail(f"{reason} (LIFEBOAT_REQUIRE_ROOT_TESTS=1 forbids skipping)", pytrace=False)
         pytest.skip(reason)
 
 

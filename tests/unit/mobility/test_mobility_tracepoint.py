@@ -77,14 +77,20 @@ def test_dev_t_is_kernel_encoding():
 
 # -- real tracefs and loop devices -------------------------------------------------------------
 
+def _skip(reason: str) -> None:
+    if os.environ.get("LIFEBOAT_REQUIRE_ROOT_TESTS") == "1":  # CI: never skip these
+        pytest.fail(f"{reason} (LIFEBOAT_REQUIRE_ROOT_TESTS=1 forbids skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture
 def tracefs():
     if os.geteuid() != 0:
-        pytest.skip("needs root: tracefs instances and loop devices")
+        _skip("needs root: tracefs instances and loop devices")
     try:
         return find_tracefs()
     except TracefsUnavailable as exc:
-        pytest.skip(str(exc))
+        _skip(str(exc))
 
 
 @pytest.fixture

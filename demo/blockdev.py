@@ -1,4 +1,4 @@
-"""Real block devices for integration tests: an ext4 loop device whose backing image lives on a reflink XFS."""
+"""Real block devices for tests and benchmarks: an ext4 loop device whose backing image lives on a reflink XFS."""
 
 from __future__ import annotations
 
@@ -11,18 +11,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 
 def run(*cmd: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def require_root() -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("LIFEBOAT_REQUIRE_ROOT_TESTS") == "1":
-            pytest.fail("these tests need root (loop devices, mount, tracefs)", pytrace=False)
-        pytest.skip("needs root: loop devices, mount, tracefs")
+class NeedsRoot(RuntimeError):
+    pass
 
 
 @dataclass
@@ -48,7 +43,8 @@ def sha256(path: Path) -> str:
 @contextlib.contextmanager
 def tracked_ext4(tmp: Path, size_mib: int = 128, xfs_mib: int = 2048):
     """ext4 on /dev/loopN; its backing file on a loop-mounted XFS with reflink; all removed afterwards."""
-    require_root()
+    if os.geteuid() != 0:
+        raise NeedsRoot("loop devices, mount and tracefs need root")
     xfs_img, xfs_mnt, mnt = tmp / "xfs.img", tmp / "xfs", tmp / "mnt"
     xfs_mnt.mkdir()
     mnt.mkdir()
@@ -81,26 +77,31 @@ def tracked_ext4(tmp: Path, size_mib: int = 128, xfs_mib: int = 2048):
 
 WRITER = r'''
 import os, random, sys, time
-path, size, rate, seed = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+path, size, rate, seed, block = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 rng = random.Random(seed)
 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-os.ftruncate(fd, size)
-block = 4096
-per_tick = max(1, int(rate / block / 100))
-n = 0
+if os.fstat(fd).st_size < size:
+    os.posix_fallocate(fd, 0, size)  # allocated up front: writes overwrite, the filesystem does not grow
+pattern = rng.randbytes(1 << 20)
+written, t0, n = 0, time.monotonic(), 0
 while True:
-    for _ in range(per_tick):
-        os.pwrite(fd, rng.randbytes(block), rng.randrange(size // block) * block)
-        n += 1
+    ahead = written - rate * (time.monotonic() - t0)
+    if ahead > 0:
+        time.sleep(min(ahead / rate, 0.05))
+        continue
+    start = rng.randrange(len(pattern) - block)
+    os.pwrite(fd, pattern[start:start + block], rng.randrange(size // block) * block)
+    written += block
+    n += 1
     if n % 64 == 0:
         os.fsync(fd)
-    time.sleep(0.01)
 '''
 
 
-def start_writer(path: Path, size: int, bytes_per_second: float, seed: int) -> subprocess.Popen:
-    """Random 4 KiB writes into one file at about the given rate, fsync now and then, until killed."""
-    return subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(size), str(bytes_per_second), str(seed)])
+def start_writer(path: Path, size: int, bytes_per_second: float, seed: int, write_bytes: int = 4096) -> subprocess.Popen:
+    """Random aligned writes into one file at about the given rate, fsync every 64 writes, until killed."""
+    return subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(size), str(bytes_per_second), str(seed),
+                             str(write_bytes)])
 
 
 def stop(proc: subprocess.Popen) -> None:
