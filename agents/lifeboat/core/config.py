@@ -127,6 +127,13 @@ class TrackingConfig:
     trace_buffer_kb: int = opt(8192, "per-CPU ring buffer of the agent's private tracefs instance")
     drain_interval_seconds: float = opt(0.1, "how often the trace ring is read; too slow a reader overruns the ring "
                                         "and forces a digest resync")
+    # The change log (.hrl) tiers: data kept → extents only → dirty bitmap → resync required.
+    memory_pool_bytes: int = opt(64 * MiB, "change log: freeze-copied data kept in memory until acknowledged")
+    spill_bytes: int = opt(1 * GiB, "change log: freeze-copied data spilled to the .hrl file beyond the pool; "
+                           "above it only extents are kept (data re-read from the live disk: point not consistent)")
+    extent_budget: int = opt(1_000_000, "change log: extents kept before falling back to a dirty bitmap")
+    bitmap_budget_bytes: int = opt(4 * MiB, "change log: largest dirty bitmap (bytes); a smaller one is coarser and "
+                                   "over-reports; 0 = no bitmap tier, straight to a digest resync")
 
 
 SNAPSHOT_PROVIDERS = ("reflink", "lvm", "freeze-copy", "none")
@@ -265,6 +272,8 @@ def _validate_mobility(cfg: MobilityConfig) -> None:
         raise ConfigError("replication.extent_max_bytes", "must be a multiple of block_size and at most 4 MiB")
     if cfg.replication.batch_bytes < cfg.replication.extent_max_bytes:
         raise ConfigError("replication.batch_bytes", "must be at least extent_max_bytes")
+    if cfg.tracking.bitmap_budget_bytes > 16 * MiB:
+        raise ConfigError("tracking.bitmap_budget_bytes", "must be at most 16 MiB (16777216)")
 
 
 def _validate_ps(cfg: ProcessServerConfig) -> None:

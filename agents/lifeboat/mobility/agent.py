@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 import time
@@ -14,11 +15,14 @@ from ..core import logging as log
 from ..core.config import MobilityConfig, resolve_credential
 from ..core.errors import ConfigError, LifeboatError
 from .capture import Capturer, is_block_device
+from .change_log import ChangeLog, Tier, reason_code
 from .digest_map import DigestMap
 from .digest_tracker import PendingBatch, ScanAborted, device_size, scan_disk
-from .metrics import RESYNC_REASONS, MobilityMetrics
+from .kept_data import KeptDataSnapshot
+from .metrics import RESYNC_REASONS, TIER_REASONS, MobilityMetrics
 from .quiescer import run_script
 from .sender import BatchSender
+from .snapshot import FreezeCopySnapshot
 from .tracepoint import TracefsUnavailable, TracepointTracker
 
 logger = log.get("lifeboat.mobility")
@@ -36,6 +40,7 @@ class DiskState:
     resync_reason: str | None = None
     full_reason: str | None = None                # the next cycle reads every block, and why
     owed: list[tuple[int, int]] | None = None     # blocks of a failed cycle, retried by the next one
+    change_log: ChangeLog | None = None           # tracked disks: what must still be sent, tiered (.hrl)
 
 
 class Agent:
@@ -79,18 +84,59 @@ class Agent:
             self.disks.append(state)
         self.cycle = max(s.dmap.cycle for s in self.disks)
         self.tracker = self._start_tracker()
-        tracked = set(self.tracker.disks) if self.tracker else set()
         for state in self.disks:
-            if state.disk_id not in tracked:
-                continue
-            # Writes made while no agent ran were not seen: the first cycle compares every block.
-            if state.resync_reason or state.dmap.cycle == 0:
-                state.full_reason = state.resync_reason or "initial_copy"
-            else:
-                state.full_reason = "agent_restart"
-                self.metrics.resyncs.labels("agent_restart").inc()
-                logger.warning("digest resync: writes while the agent was stopped are unknown", DISK=state.disk_id)
+            if self.tracker and state.disk_id in self.tracker.disks:
+                self._open_change_log(state)
         self.capturer = Capturer(cfg, {s.disk_id: s.path for s in self.disks}, self.tracker)
+
+    def _open_change_log(self, state: DiskState) -> None:
+        """The disk's .hrl; decide whether tracking continues from the last run or needs a digest resync."""
+        t = self.config.tracking
+        cl = ChangeLog.open(os.path.join(self.config.state_dir, f"{state.disk_id}.hrl"), state.disk_id,
+                            state.dmap.disk_size, state.dmap.block_size, pool_bytes=t.memory_pool_bytes,
+                            spill_bytes=t.spill_bytes, extent_budget=t.extent_budget,
+                            bitmap_budget=t.bitmap_budget_bytes,
+                            on_tier_change=functools.partial(self._tier_changed, state.disk_id))
+        state.change_log = cl
+        if state.resync_reason or state.dmap.cycle == 0:
+            reason = state.resync_reason or "initial_copy"
+        elif cl.tier == Tier.RESYNC:
+            reason = None  # the log says why (unclean_stop, a damaged record, ...) and already requires it
+        elif cl.fresh:
+            reason = "no_change_log"
+        elif not self.tracker.reused:
+            # The kernel instance that kept tracking while no agent ran is gone (reboot, first start).
+            reason = "agent_restart"
+        else:
+            reason = None
+        if reason:
+            cl.require_resync(reason, through_epoch=self.cycle + 1)
+        self._tier_gauge(state.disk_id, cl)
+        if cl.tier == Tier.RESYNC and reason != "initial_copy":
+            code = reason_code(cl.tier_reason) or "other"
+            self.metrics.resyncs.labels(code if code in RESYNC_REASONS else "tracking_lost").inc()
+            logger.warning("digest resync: writes while the agent was stopped are unknown", DISK=state.disk_id,
+                           reason=cl.tier_reason)
+        elif cl.tier != Tier.RESYNC:
+            logger.info("change tracking continues from the previous run", DISK=state.disk_id, tier=cl.tier.name)
+
+    def _tier_changed(self, disk_id: str, old: Tier, new: Tier, reason: str) -> None:
+        code = reason_code(reason) or "other"
+        self.metrics.tier_changes.labels(new.name.lower(), code if code in TIER_REASONS else "other").inc()
+        self.metrics.tier.labels(disk_id).set(int(new))
+
+    def _tier_gauge(self, disk_id: str, cl: ChangeLog) -> None:
+        self.metrics.tier.labels(disk_id).set(int(cl.tier))
+
+    def status(self) -> dict:
+        """Per-disk tracking state for /healthz (and, later, `lifeboat status`)."""
+        disks = {}
+        for s in self.disks:
+            cl = s.change_log
+            disks[s.disk_id] = {"tracker": "tracepoint" if cl else "digest",
+                                "tier": cl.tier.name.lower() if cl else None,
+                                "tier_reason": cl.tier_reason if cl else None}
+        return {"last_point": self.last_point, "cycle": self.cycle, "disks": disks}
 
     def _start_tracker(self) -> TracepointTracker | None:
         """The tracepoint tracker for the block-device disks, or None (every cycle reads every block)."""
@@ -146,7 +192,23 @@ class Agent:
 
     async def close(self) -> None:
         if self.tracker:
-            self.tracker.close()
+            # Hand over to the next agent process: what this process drained since the last cycle
+            # goes into the change logs, and the kernel instance stays and keeps recording.
+            try:
+                epochs = self.tracker.rotate(overlap=False)
+                for state in self.disks:
+                    ep, cl = epochs.get(state.disk_id), state.change_log
+                    if ep is None or cl is None:
+                        continue
+                    if ep.lost:
+                        cl.require_resync(ep.lost, through_epoch=self.cycle + 1)
+                    elif ep.ranges:
+                        cl.add_extents(self.cycle + 1, ep.ranges)
+            finally:
+                self.tracker.close(remove=False)
+        for state in self.disks:
+            if state.change_log is not None:
+                state.change_log.close(clean=True)
         if self.sender:
             await self.sender.__aexit__(None, None, None)
 
@@ -172,11 +234,12 @@ class Agent:
         capture = None
         try:
             created = time.time()
-            wanted = {s.disk_id: (s.owed, s.full_reason) for s in self.disks}
+            wanted = {s.disk_id: self._owed(s) for s in self.disks}
             capture = await loop.run_in_executor(None, self.capturer.capture, point_id, wanted)
             self._note_capture(capture, point_id)
             # With a live read ("none" provider) the writers must stay held until the reads are done.
-            live = any(d.snapshot.provider == "none" for d in capture.disks.values())
+            live = any(d.snapshot.provider == "none" or getattr(d.snapshot, "live_ranges", None)
+                       for d in capture.disks.values())
             if app_due and not live:
                 await self._post(env, point_id)
             if pre_ok and (capture.consistent or live):
@@ -210,21 +273,48 @@ class Agent:
                     capture_ms=" ".join(f"{k}:{v * 1000:.1f}" for k, v in (capture.phases or {}).items()))
         return {**self.last_point, "cycle": self.cycle}
 
+    def _owed(self, state: DiskState) -> tuple[list[tuple[int, int]] | None, str | None]:
+        """(blocks owed from earlier epochs, reason to read every block) for the next capture."""
+        cl = state.change_log
+        if cl is None:
+            return state.owed, state.full_reason
+        pending = cl.pending()
+        return pending.ranges, (cl.tier_reason or "resync_required") if pending.resync else None
+
     def _note_capture(self, capture, point_id: str) -> None:
-        """Metrics and events of a capture; remember what each disk owes until its batches are acknowledged."""
+        """Record the tracker's epoch in each change log (after the thaw: it writes and fsyncs), and
+        decide what this cycle reads; metrics and events."""
         if capture.freeze_seconds is not None:
             self.metrics.freeze_seconds.observe(capture.freeze_seconds)
         for state in self.disks:
             d = capture.disks[state.disk_id]
+            cl = state.change_log
+            if cl is not None:
+                if d.epoch_lost:
+                    cl.require_resync(d.epoch_lost, through_epoch=self.cycle)
+                    code = reason_code(d.epoch_lost) or "other"
+                    self.metrics.resyncs.labels(code if code in RESYNC_REASONS else "tracking_lost").inc()
+                    logger.warning("digest resync: change tracking lost", DISK=state.disk_id, POINT=point_id,
+                                   reason=d.epoch_lost)
+                elif d.epoch_ranges:
+                    cl.add_extents(self.cycle, d.epoch_ranges)
+                if isinstance(d.snapshot, FreezeCopySnapshot):
+                    # Keep the copied data in the change log's tiers (memory pool, then .hrl spill);
+                    # whatever the tiers could not keep is read live, and the point is then not consistent.
+                    for offset, data in d.snapshot.extents():
+                        cl.add_data(self.cycle, offset, data)
+                    d.snapshot.drop()
+                    kept = cl.pending(self.cycle)
+                    d.snapshot = KeptDataSnapshot(state.disk_id, point_id, state.path, state.dmap.block_size,
+                                                  kept.data, kept.read_ranges)
+                    d.consistent = d.consistent and d.snapshot.consistent
+                pending = cl.pending(self.cycle)
+                d.ranges = None if pending.resync else pending.ranges
+                d.full_reason = (cl.tier_reason or "resync_required") if pending.resync else None
+            else:
+                # Until this cycle is acknowledged, these blocks are owed (a failed cycle retries them).
+                state.full_reason, state.owed = (d.full_reason, None) if d.ranges is None else (None, d.ranges)
             self.metrics.snapshots.labels(d.snapshot.provider).inc()
-            if d.full_reason and d.full_reason != state.full_reason and d.full_reason != "digest_tracker":
-                reason = d.full_reason.split(":", 1)[0]
-                reason = reason if reason in RESYNC_REASONS else "tracking_lost"  # bounded label values
-                self.metrics.resyncs.labels(reason).inc()
-                logger.warning("digest resync: change tracking lost", DISK=state.disk_id, POINT=point_id,
-                               reason=d.full_reason)
-            # Until this cycle is acknowledged, these blocks are owed (a failed cycle retries them).
-            state.full_reason, state.owed = (d.full_reason, None) if d.ranges is None else (None, d.ranges)
 
     async def _post(self, env: dict, point_id: str) -> None:
         self._post_done = True
@@ -301,6 +391,8 @@ class Agent:
         await post_task
         for state, result in done:
             state.full_reason, state.owed = None, None
+            if state.change_log is not None:
+                await loop.run_in_executor(None, state.change_log.acknowledge, self.cycle)
             state.dmap.digests = result.digests
             state.dmap.seq = result.last_seq
             state.dmap.cycle = self.cycle

@@ -32,6 +32,8 @@ class DiskCapture:
     snapshot: Snapshot
     full_reason: str | None          # why every block is read (initial copy, resync, digest tracker)
     consistent: bool
+    epoch_ranges: list[tuple[int, int]] | None = None   # what the tracker saw this epoch (None: no tracker)
+    epoch_lost: str | None = None                       # why the tracker's epoch cannot be trusted
 
 
 @dataclass
@@ -129,7 +131,8 @@ class Capturer:
                     ranges = None if full_reason else merge_ranges((owed or []) + epoch.ranges)
                     snap = early[disk_id] or self._create(disk_id, tag, ranges, block_size, ("freeze-copy", "none"))
                     consistent = snap.consistent and (snap.provider != "freeze-copy" or bool(frozen))
-                    done[disk_id] = DiskCapture(disk_id, ranges, snap, full_reason, consistent)
+                    done[disk_id] = DiskCapture(disk_id, ranges, snap, full_reason, consistent,
+                                                epoch.ranges if epoch else None, epoch.lost if epoch else None)
             if frozen and not frozen.intact:
                 # Someone thawed a filesystem before we did: the snapshot may hold a torn state.
                 for d in done.values():

@@ -5,7 +5,11 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 RESYNC_REASONS = ("no_local_state", "geometry_changed", "server_behind", "map_damaged", "agent_restart",
-                  "ring_overrun", "tracking_lost")
+                  "no_change_log", "unclean_stop", "ring_overrun", "bitmap_budget", "corrupt_record",
+                  "corrupt_header", "io_error", "tracking_lost")
+TIER_REASONS = ("spill_full", "extent_budget", "bitmap_budget", "unclean_stop", "geometry_changed", "corrupt_header",
+                "corrupt_record", "io_error", "caught_up", "resync_done", "ring_overrun", "agent_restart",
+                "no_change_log", "initial_copy", "other")
 SNAPSHOT_PROVIDERS = ("reflink", "lvm", "freeze-copy", "none")
 
 
@@ -32,4 +36,9 @@ class MobilityMetrics:
         self.tracker_unavailable = Counter("lifeboat_mobility_tracker_unavailable_total",
                                            "Times the tracepoint tracker could not start (digest used instead)",
                                            registry=r)
+        self.tier = Gauge("lifeboat_mobility_tracking_tier",
+                          "Change log tier per disk: 0 data kept, 1 extents only, 2 dirty bitmap, 3 resync required",
+                          ["disk"], registry=r)
+        self.tier_changes = Counter("lifeboat_mobility_tier_changes_total", "Change log tier changes, by new tier "
+                                    "and reason", ["tier", "reason"], registry=r)
         self.script_failures = Counter("lifeboat_mobility_script_failures_total", "Failed pre/post scripts", ["phase"], registry=r)

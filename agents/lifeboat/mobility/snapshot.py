@@ -350,7 +350,7 @@ class LvmProvider(SnapshotProvider):
 # -- freeze-copy --------------------------------------------------------------------------------
 
 
-class _MemorySnapshot(Snapshot):
+class FreezeCopySnapshot(Snapshot):
     provider = "freeze-copy"
 
     def __init__(self, disk_id: str, tag: str, starts: list[int], ends: list[int], buffers: list[memoryview],
@@ -371,6 +371,11 @@ class _MemorySnapshot(Snapshot):
         start = offset - self._starts[i]
         view[:] = self._buffers[i][start:start + len(view)]
         return len(view)
+
+    def extents(self):
+        """(byte offset, bytes) of each copied extent, in disk order."""
+        for start, buf in zip(self._starts, self._buffers):
+            yield start, bytes(buf)
 
     def _release(self) -> None:
         _free(self._buffers, self._arena)
@@ -446,7 +451,7 @@ class FreezeCopyProvider(SnapshotProvider):
                                 f"nothing is kept") from None
         finally:
             os.close(fd)
-        return _MemorySnapshot(disk_id, tag, starts, ends, buffers, arena)
+        return FreezeCopySnapshot(disk_id, tag, starts, ends, buffers, arena)
 
 
 # -- factory ------------------------------------------------------------------------------------

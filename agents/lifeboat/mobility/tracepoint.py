@@ -124,6 +124,13 @@ def _write(path: str, value: str) -> None:
         f.write(value)
 
 
+def _same_ring_size(read_back: str, requested_kb: int) -> bool:
+    """buffer_size_kb reads back a little more than was asked (8192 gives 8195, 4 gives 7: the kernel
+    rounds up to whole pages plus its own header), so compare with that slack."""
+    first = read_back.split()[0] if read_back.split() else ""
+    return first.isdigit() and abs(int(first) - requested_kb) <= max(8, requested_kb // 50)
+
+
 def dev_t(major: int, minor: int) -> int:
     """The kernel-internal dev_t encoding the event filter compares against (not the userspace one)."""
     return major << 20 | minor
@@ -231,6 +238,7 @@ class TracepointTracker:
         self.buffer_kb = buffer_kb
         self.drain_interval = drain_interval
         self.stats = {"events": 0, "overruns": 0, "unparseable_lines": 0}
+        self.reused = False   # start() found the instance a previous agent left recording
         self.instance: str | None = None
         self._devices: dict[tuple[int, int], tuple[str, int]] = {}
         for disk_id, path in self.disks.items():
@@ -251,7 +259,7 @@ class TracepointTracker:
     def start(self) -> None:
         tracefs = find_tracefs()
         self.instance = os.path.join(tracefs, "instances", self.instance_name)
-        reused = os.path.isdir(self.instance)
+        reused = self.reused = os.path.isdir(self.instance)
         try:
             if not reused:
                 os.mkdir(self.instance)
@@ -287,8 +295,15 @@ class TracepointTracker:
                     self._cur.disk_lost[disk_id] = "not_tracked_before_start"
 
     def _configure(self, reused: bool) -> None:
-        if not reused:  # resizing a ring that holds unread events could drop some of them
-            _write(os.path.join(self.instance, "buffer_size_kb"), str(self.buffer_kb))
+        size_file = os.path.join(self.instance, "buffer_size_kb")
+        if not reused:
+            _write(size_file, str(self.buffer_kb))
+        elif not _same_ring_size(_read(size_file), self.buffer_kb):
+            # The configured size changed since the instance was made. Resizing a ring that holds
+            # unread events can drop some, so this epoch is not trusted (one digest resync).
+            self._drain_locked()
+            _write(size_file, str(self.buffer_kb))
+            self._cur.mark_lost("ring_resized")
         ev = os.path.join(self.instance, EVENT)
         devs = " || ".join(f"dev == {dev_t(*d)}" for d in sorted(self._devices))
         try:

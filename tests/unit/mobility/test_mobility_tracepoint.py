@@ -335,6 +335,22 @@ def test_reuse_of_an_overrun_ring_loses_the_first_epoch(loopdev, trackers):
     assert t.rotate()["a"].lost == "ring_overrun"
 
 
+def test_reuse_with_another_ring_size_resizes_and_loses_only_that_epoch(loopdev, trackers):
+    dev = loopdev()
+    name = f"lifeboat-test-{uuid.uuid4().hex[:8]}"
+    trackers({"a": dev}, instance_name=name, buffer_kb=1024).close(remove=False)
+    same = trackers({"a": dev}, instance_name=name, buffer_kb=1024)  # reads back slightly larger: no resize
+    assert same.rotate()["a"].lost is None
+    same.close(remove=False)
+    t = trackers({"a": dev}, instance_name=name, buffer_kb=64)
+    assert t.rotate()["a"].lost == "ring_resized"
+    with open(os.path.join(t.instance, "buffer_size_kb")) as f:
+        assert abs(int(f.read().split()[0]) - 64) <= 8
+    write_direct(dev, 3 * BS)
+    epoch = t.rotate()["a"]
+    assert (epoch.lost, epoch.ranges) == (None, [(3, 1)])
+
+
 def test_reuse_with_a_disk_the_old_filter_missed(loopdev, trackers):
     a, b = loopdev(), loopdev()
     name = f"lifeboat-test-{uuid.uuid4().hex[:8]}"
