@@ -41,8 +41,9 @@ def sha256(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def tracked_ext4(tmp: Path, size_mib: int = 128, xfs_mib: int = 2048):
-    """ext4 on /dev/loopN; its backing file on a loop-mounted XFS with reflink; all removed afterwards."""
+def tracked_ext4(tmp: Path, size_mib: int = 128, xfs_mib: int = 2048, filesystem: bool = True):
+    """ext4 on /dev/loopN (or, without `filesystem`, the raw device); its backing file on a
+    loop-mounted XFS with reflink; all removed afterwards."""
     if os.geteuid() != 0:
         raise NeedsRoot("loop devices, mount and tracefs need root")
     xfs_img, xfs_mnt, mnt = tmp / "xfs.img", tmp / "xfs", tmp / "mnt"
@@ -60,9 +61,10 @@ def tracked_ext4(tmp: Path, size_mib: int = 128, xfs_mib: int = 2048):
             f.truncate(size_mib << 20)
         device = run("losetup", "-f", "--show", str(backing))
         cleanup.append(["losetup", "-d", device])
-        run("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", device)
-        run("mount", device, str(mnt))
-        cleanup.append(["umount", str(mnt)])
+        if filesystem:
+            run("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", device)
+            run("mount", device, str(mnt))
+            cleanup.append(["umount", str(mnt)])
         snapshots = xfs_mnt / "snapshots"
         snapshots.mkdir()
         yield TrackedDisk(device, backing, mnt, snapshots)

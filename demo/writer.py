@@ -11,8 +11,8 @@ import time
 
 image, ctl = sys.argv[1], sys.argv[2]
 rng = random.Random(int(sys.argv[3]) if len(sys.argv) > 3 else 1)
-size = os.path.getsize(image)
 fd = os.open(image, os.O_RDWR)
+size = os.lseek(fd, 0, os.SEEK_END)  # an image file or a block device
 pause, paused = os.path.join(ctl, "pause"), os.path.join(ctl, "paused")
 words = b"lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor ".split()
 while not os.path.exists(os.path.join(ctl, "stop")):

@@ -54,6 +54,7 @@ class Agent:
         self.tracker: TracepointTracker | None = None
         self.capturer: Capturer | None = None
         self._last_app = float("-inf")
+        self._kept_bytes = 0   # freeze-copied bytes the change log kept for the current cycle
 
     def _token(self) -> str:
         path = resolve_credential(self.config.process_server.token_file)
@@ -270,6 +271,7 @@ class Agent:
                     zeroed_bytes=sum(r.zero_bytes for r in results), disks=len(results),
                     freeze_ms=None if capture.freeze_seconds is None else round(capture.freeze_seconds * 1000, 1),
                     snapshots=",".join(sorted({d.snapshot.provider for d in capture.disks.values()})),
+                    kept_bytes=self._kept_bytes,
                     capture_ms=" ".join(f"{k}:{v * 1000:.1f}" for k, v in (capture.phases or {}).items()))
         return {**self.last_point, "cycle": self.cycle}
 
@@ -286,6 +288,7 @@ class Agent:
         decide what this cycle reads; metrics and events."""
         if capture.freeze_seconds is not None:
             self.metrics.freeze_seconds.observe(capture.freeze_seconds)
+        self._kept_bytes = 0
         for state in self.disks:
             d = capture.disks[state.disk_id]
             cl = state.change_log
@@ -305,6 +308,7 @@ class Agent:
                         cl.add_data(self.cycle, offset, data)
                     d.snapshot.drop()
                     kept = cl.pending(self.cycle)
+                    self._kept_bytes += kept.data_bytes
                     d.snapshot = KeptDataSnapshot(state.disk_id, point_id, state.path, state.dmap.block_size,
                                                   kept.data, kept.read_ranges)
                     d.consistent = d.consistent and d.snapshot.consistent

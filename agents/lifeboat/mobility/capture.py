@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import stat
 import time
@@ -15,6 +17,25 @@ from .freeze import FreezeError, Frozen, mounted_filesystems
 from .snapshot import Snapshot, SnapshotError, SnapshotProvider, SnapshotTooLarge, make_provider
 
 logger = log.get("lifeboat.mobility.capture")
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_SYNC_FILE_RANGE_ALL = 1 | 2 | 4   # WAIT_BEFORE | WRITE | WAIT_AFTER
+
+
+def write_back(path: str) -> None:
+    """Submit and wait for the block device's own dirty page cache (writes made to the raw device
+    and filesystem metadata buffers). The tracker sees a write when its bio is queued, which for
+    buffered writes happens at writeback: until then a dirty page is invisible to it, yet a read
+    through the page cache would already return it. sync_file_range issues no device cache
+    flush, so this stays cheap inside the freeze window."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), _SYNC_FILE_RANGE_ALL) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"sync_file_range on {path}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
 
 
 def is_block_device(path: str) -> bool:
@@ -110,11 +131,16 @@ class Capturer:
         done: dict[str, DiskCapture] = {}
         self._deferred: list[tuple[str, str, dict]] = []
         frozen = Frozen(mounts, self.config.consistency.freeze_timeout_seconds) if mounts else None
+        tracked = [self.devices[d] for d in (self.tracker.disks if self.tracker else ())]
         t0 = time.monotonic()
+        for path in tracked:
+            write_back(path)  # the bulk, before the freeze window opens
         try:
             with frozen if frozen else contextlib.nullcontext():
                 t1 = time.monotonic()
                 if self.tracker:
+                    for path in tracked:
+                        write_back(path)
                     self.tracker.drain()
                 t2 = time.monotonic()
                 early = {d: self._create(d, tag, None, block_size, ("reflink", "lvm")) for d in self.devices}
