@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 
 from conftest import make_image, scribble
 from lab import sha256_file
@@ -91,3 +92,28 @@ def test_process_server_with_empty_cache_adopts_the_repository_log(lab, tmp_path
     points = lab.wait_points(2)
     assert failover_hash(lab, points[-1]["point_id"], tmp_path / "out.img") == sha256_file(disk)
     assert failover_hash(lab, points[0]["point_id"], tmp_path / "first.img") != sha256_file(disk)
+
+
+def test_a_disk_that_grows_gets_no_point_until_restart_then_resyncs_at_the_new_size(lab, tmp_path):
+    disk = make_image(tmp_path / "sda.img", 16, seed=11)
+    lab.start_ps()
+    agent = lab.start_agent("web01", {"sda": disk}, extra={"replication": {"interval_seconds": 0.2}})
+    first = lab.wait_points(1)[0]
+    with open(disk, "r+b") as f:
+        f.truncate(24 << 20)  # the operator grew the virtual disk
+    scribble(disk, 20, seed=12)
+    deadline = time.monotonic() + 60
+    while "changed size from 16777216 to 25165824" not in lab.log_path.read_text():
+        assert time.monotonic() < deadline and agent.poll() is None
+        time.sleep(0.1)
+    before = len(lab.points())
+    time.sleep(1.0)  # several more cycles: none may produce a point while the size is wrong
+    assert len(lab.points()) == before
+    agent.terminate()
+    assert agent.wait(30) == 0
+    assert lab.run_agent("web01", {"sda": disk}, cycles=1) == 0
+    points = lab.wait_points(before + 1)
+    assert "geometry_changed" in lab.log_path.read_text()
+    assert failover_hash(lab, points[-1]["point_id"], tmp_path / "out.img") == sha256_file(disk)
+    (tmp_path / "out.img").unlink()
+    assert first["point_id"] == points[0]["point_id"]

@@ -43,6 +43,10 @@ class DiskState:
     change_log: ChangeLog | None = None           # tracked disks: what must still be sent, tiered (.hrl)
 
 
+class DiskChanged(LifeboatError):
+    """{}"""   # a protected disk changed under the agent (size, or it vanished)
+
+
 class Agent:
     def __init__(self, config: MobilityConfig, registry: CollectorRegistry | None = None) -> None:
         self.config = config
@@ -222,6 +226,8 @@ class Agent:
         t0 = time.monotonic()
         point_id = f"{cfg.machine}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{self.cycle:06d}"
         env = {"LIFEBOAT_POINT_ID": point_id, "LIFEBOAT_MACHINE": cfg.machine, "LIFEBOAT_CYCLE": str(self.cycle)}
+        for state in self.disks:
+            self._check_geometry(state)
         q = cfg.consistency
         app_due = bool(q.pre_script or q.post_script) and (
             q.app_interval_seconds == 0 or t0 - self._last_app >= q.app_interval_seconds)
@@ -274,6 +280,18 @@ class Agent:
                     kept_bytes=self._kept_bytes,
                     capture_ms=" ".join(f"{k}:{v * 1000:.1f}" for k, v in (capture.phases or {}).items()))
         return {**self.last_point, "cycle": self.cycle}
+
+    def _check_geometry(self, state: DiskState) -> None:
+        """A disk that shrank or grew cannot continue its log: no point until the agent restarts."""
+        try:
+            size = device_size(state.path)
+        except OSError as exc:
+            raise DiskChanged(f"disk {state.disk_id} ({state.path}) cannot be opened: {exc.strerror}; "
+                              "no point this cycle") from None
+        if size != state.dmap.disk_size:
+            raise DiskChanged(f"disk {state.disk_id} ({state.path}) changed size from {state.dmap.disk_size} to "
+                              f"{size} bytes; no point is taken until the agent restarts, which resyncs it at the "
+                              "new size")
 
     def _owed(self, state: DiskState) -> tuple[list[tuple[int, int]] | None, str | None]:
         """(blocks owed from earlier epochs, reason to read every block) for the next capture."""
