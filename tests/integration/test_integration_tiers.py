@@ -129,3 +129,36 @@ def test_no_bitmap_budget_means_resync_and_the_next_points_are_still_exact(lab, 
     reads = [int(field(line, "read_bytes")) for line in cycle_lines(lab)]
     assert reads.count(64 << 20) >= 2, reads
     assert_points_equal_oracles(lab, disk, lab.wait_points(4), tmp_path)
+
+
+def test_tier_and_its_reason_are_visible_in_status_and_metrics(lab, disk, tmp_path):
+    import json
+    import re
+    import urllib.request
+
+    from blockdev import start_writer, stop
+    lab.start_ps()
+    writer = start_writer(disk.mountpoint / "data.bin", 24 << 20, 4e6, seed=9)
+    extra = agent_extra(disk, tracking={"extent_budget": 2, "bitmap_budget_bytes": 64},
+                        replication={"interval_seconds": 3600})  # one cycle, then the epoch keeps growing
+    agent = lab.start_agent("db01", {"sda": disk.device}, extra=extra)
+    try:
+        lab.wait_points(1)
+        port = int(re.search(r"event='agent ready'.*metrics_port=(\d+)", lab.log_path.read_text()).group(1))
+
+        def get(path: str) -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+                return resp.read().decode()
+
+        status = json.loads(get("/healthz"))["disks"]["db01.sda"]
+        assert status["tracker"] == "tracepoint" and status["tier"] in ("data", "extents", "bitmap"), status
+        metrics = get("/metrics")
+        assert 'lifeboat_mobility_tier_changes_total{reason="caught_up",tier="data"} 1.0' in metrics
+        assert 'lifeboat_mobility_tracking_tier{disk="db01.sda"}' in metrics
+    finally:
+        stop(writer)
+        agent.terminate()
+        agent.wait(30)
+    # On the clean stop, the epoch drained since the cycle went into the change log, over budget.
+    events = hrl_tier_events(lab)
+    assert any("new='BITMAP'" in e and "extent_budget" in e for e in events), events

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
             await agent.start()
             runner, port = await start_metrics_server(
                 agent.metrics.registry, cfg.metrics.host, cfg.metrics.port,
-                lambda: (True, {"last_point": agent.last_point, "cycle": agent.cycle}))
+                lambda: (True, agent.status()))
             sd_notify.notify("READY=1")
             logger.info("agent ready", MACHINE=cfg.machine, disks=len(agent.disks), metrics_port=port)
             await agent.run(stop, args.cycles)
