@@ -47,15 +47,18 @@ def toml_value(v) -> str:
     return json.dumps(str(v))  # JSON string escapes are valid TOML basic-string escapes
 
 
-def to_toml(doc: dict) -> str:
-    """Config dicts → TOML: top-level scalars, [tables] and [[arrays of tables]] (one level deep)."""
-    lines = [f"{k} = {toml_value(v)}" for k, v in doc.items() if not isinstance(v, (dict, list))]
+def to_toml(doc: dict, prefix: str = "") -> str:
+    """Config dicts → TOML: scalars and arrays of scalars, [tables] and [[arrays of tables]], nested."""
+    def is_tables(v) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+    lines = [f"{k} = {toml_value(v)}" for k, v in doc.items() if not isinstance(v, dict) and not is_tables(v)]
     for k, v in doc.items():
         if isinstance(v, dict):
-            lines += ["", f"[{k}]", *(f"{kk} = {toml_value(vv)}" for kk, vv in v.items())]
-        elif isinstance(v, list):
+            lines += ["", f"[{prefix}{k}]", to_toml(v, f"{prefix}{k}.").rstrip("\n")]
+        elif is_tables(v):
             for item in v:
-                lines += ["", f"[[{k}]]", *(f"{kk} = {toml_value(vv)}" for kk, vv in item.items())]
+                lines += ["", f"[[{prefix}{k}]]", to_toml(item, f"{prefix}{k}.").rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -79,6 +82,7 @@ class Lab:
         self.log_path = self.work / "daemons.log"
         self.log = open(self.log_path, "ab")
         self.ps_proc: subprocess.Popen | None = None
+        self.agents: list[subprocess.Popen] = []
         self.ps_port = free_port()
         self.ps_metrics_port = free_port()
         etc = self.work / "etc"
@@ -168,7 +172,9 @@ class Lab:
         cmd = [bin_path("lifeboat-mobility"), "-c", str(conf)]
         if cycles is not None:
             cmd += ["--cycles", str(cycles)]
-        return subprocess.Popen(cmd, stderr=self.log, env={**os.environ, **(env or {})})
+        proc = subprocess.Popen(cmd, stderr=self.log, env={**os.environ, **(env or {})})
+        self.agents.append(proc)
+        return proc
 
     def run_agent(self, machine: str, disks: dict[str, str], cycles: int, extra: dict | None = None,
                   env: dict | None = None, timeout: float = 600) -> int:
@@ -211,6 +217,10 @@ class Lab:
         return self.cli("failover", "--test", "--point", point, "--to", str(target), "-q", *extra)
 
     def close(self) -> None:
+        for proc in self.agents:  # agents a test left running (e.g. after a failed assertion)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(DAEMON_STOP_TIMEOUT_SECONDS)
         try:
             self.stop_ps()
         finally:

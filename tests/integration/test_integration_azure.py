@@ -7,7 +7,7 @@ import uuid
 import pytest
 from azure.storage.blob import BlobServiceClient
 
-from conftest import make_image, scribble
+from disk_images import make_image, scribble
 from lab import Lab, sha256_file
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import time
 
-from conftest import make_image
+from disk_images import make_image
 from lab import sha256_file
 
 SMALL_BATCHES = {"replication": {"batch_bytes": 1 << 20}}  # many batches, so a kill lands mid-stream

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import make_image, scribble
+from disk_images import make_image, scribble
 from lab import sha256_file
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import make_image
+from disk_images import make_image
 from lab import sha256_file
 from lifeboat.core.wire import BatchBuilder
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 
-from conftest import make_image, scribble
+from disk_images import make_image, scribble
 from lab import sha256_file
 
 

@@ -19,7 +19,8 @@ from ..repository.materialize import materialize
 from ..repository.open import backend_from_url
 from ..repository.repo import Repository
 from ..repository.verify import verify_repository
-from .points import machine_points, resolve
+from ..mobility.group_wire import NAME_RE
+from .points import GroupFailoverRefused, group_points, machine_points, point_group, resolve, resolve_group
 from .repo_args import add_repo_args, open_from_args
 
 
@@ -76,6 +77,33 @@ async def cmd_init(args) -> int:
     return 0
 
 
+RESERVED_CERT_NAMES = ("ca", "server")   # lifeboat init's own files in <dir>/tls
+
+
+async def cmd_member_cert(args) -> int:
+    """A consistency-group member's certificate (CN = machine name) from the CA of `lifeboat init`."""
+    tls_dir = os.path.join(os.path.abspath(args.dir), "tls")
+    ca_pem, ca_key = os.path.join(tls_dir, "ca.pem"), os.path.join(tls_dir, "ca.key")
+    for path in (ca_pem, ca_key):
+        if not os.path.isfile(path):
+            raise LifeboatError(f"{path} does not exist: member certificates are issued by the CA of "
+                                f"'lifeboat init --dir {args.dir}' (run it first, or pass the --dir it used)")
+    if not NAME_RE.fullmatch(args.machine):
+        raise LifeboatError(f"machine name {args.machine!r} must match {NAME_RE.pattern}: it is the member's "
+                            "identity (certificate common name) on the group port")
+    if args.machine in RESERVED_CERT_NAMES:
+        raise LifeboatError(f"machine name {args.machine!r} would overwrite {tls_dir}/{args.machine}.pem of "
+                            "'lifeboat init'; choose another name")
+    cert, key = os.path.join(tls_dir, f"{args.machine}.pem"), os.path.join(tls_dir, f"{args.machine}.key")
+    if not args.overwrite and (os.path.exists(cert) or os.path.exists(key)):
+        raise LifeboatError(f"{cert} exists; pass --overwrite to issue a new certificate for {args.machine}")
+    hosts = [h.strip() for h in (args.hosts or args.machine).split(",") if h.strip()]
+    cert, key = tls.issue_member_cert(ca_pem, ca_key, tls_dir, args.machine, hosts)
+    print(json.dumps({"cert": cert, "key": key, "ca_cert": ca_pem, "common_name": args.machine, "hosts": hosts},
+                     indent=2))
+    return 0
+
+
 def _warn_damaged(damaged: list[IntegrityError]) -> None:
     """Damaged catalog entries are reported, never silently skipped; the intact points stay usable."""
     for exc in damaged:
@@ -86,10 +114,13 @@ async def cmd_points(args) -> int:
     repo = await open_from_args(args)
     damaged: list[IntegrityError] = []
     try:
-        points = machine_points(await repo.list_points(damaged=damaged))
+        entries = await repo.list_points(damaged=damaged)
     finally:
         await repo.backend.close()
     _warn_damaged(damaged)
+    if args.group:
+        return _print_group_points(args, group_points(entries, args.group), damaged)
+    points = machine_points(entries)
     if args.machine:
         points = [p for p in points if p.machine == args.machine]
     if args.json:
@@ -106,15 +137,73 @@ async def cmd_points(args) -> int:
     return 1 if damaged else 0
 
 
+def _print_group_points(args, listing, damaged) -> int:
+    if listing.incomplete:
+        print(f"lifeboat: {len(listing.incomplete)} incomplete point(s) of group {args.group} left out (some member "
+              f"lacks a point for the tag: aborted, or uploads still catching up): "
+              f"{', '.join(sorted(listing.incomplete))}", file=sys.stderr)
+    if args.json:
+        print(json.dumps([{"group": g.group, "tag": g.tag, "created": g.created, "consistency": g.consistency,
+                           "members": {m: p.point_id for m, p in g.members.items()}} for g in listing.points],
+                         indent=2))
+        return 1 if damaged else 0
+    print(f"{'TAG':<40} {'CREATED (UTC)':<20} {'CONSISTENCY':<11} MEMBERS")
+    for g in listing.points:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(g.created))
+        print(f"{g.tag:<40} {created:<20} {g.consistency:<11} {','.join(g.members)}")
+    return 1 if damaged else 0
+
+
+async def _materialize_all(repo, entries: dict, targets: dict[str, str], args) -> list:
+    results = []
+    for disk, target in targets.items():
+        res = await materialize(repo, entries[disk], target, args.overwrite,
+                                None if args.quiet else _progress(f"{disk} segments"))
+        results.append(res)
+    return results
+
+
+async def _failover_group(args, repo) -> int:
+    if args.machine or args.disk:
+        raise LifeboatError("--group fails over every disk of every member of the group: --machine and --disk "
+                            "do not apply")
+    damaged: list[IntegrityError] = []
+    gp = resolve_group(group_points(await repo.list_points(damaged=damaged), args.group), args.group, args.point)
+    _warn_damaged(damaged)
+    entries = {d: e for mp in gp.members.values() for d, e in mp.disks.items()}
+    if os.path.exists(args.to) and not os.path.isdir(args.to):
+        raise LifeboatError(f"{args.to} is not a directory: a group failover writes one <disk-id>.img per disk of "
+                            "every member into the --to directory")
+    os.makedirs(args.to, exist_ok=True)
+    targets = {d: os.path.join(args.to, f"{d}.img") for d in sorted(entries)}
+    existing = [t for t in targets.values() if os.path.exists(t) and not os.path.isdir(t)]
+    if existing and not args.overwrite:
+        raise LifeboatError(f"{existing[0]} exists ({len(existing)} of the {len(targets)} images do); pass "
+                            "--overwrite to replace them, or choose another --to directory")
+    results = await _materialize_all(repo, entries, targets, args)
+    for r in results:
+        print(json.dumps({"group": gp.group, "tag": gp.tag, "machine": entries[r.disk_id].machine,
+                          "point_id": r.point_id, "disk_id": r.disk_id, "path": r.path, "segments": r.segments,
+                          "image_digest": r.image_digest, "verified": True}))
+    return 0
+
+
 async def cmd_failover(args) -> int:
     if not args.test:
         raise LifeboatError("only test failover (--test) is available in this release; production failover "
                             "to Azure comes with the configuration-server role")
     repo = await open_from_args(args)
     try:
+        if args.group:
+            return await _failover_group(args, repo)
         damaged: list[IntegrityError] = []
         point = resolve(machine_points(await repo.list_points(damaged=damaged)), args.point, args.machine)
         _warn_damaged(damaged)
+        group = point_group(point)
+        if group:
+            raise GroupFailoverRefused(f"machine {point.machine} is in consistency group {group}: fail over the whole "
+                                       f"group with --group {group} (a member alone would not match the others' "
+                                       "instant)")
         disks = sorted(point.disks)
         if args.disk:
             wanted = f"{point.machine}.{args.disk}"
@@ -127,11 +216,7 @@ async def cmd_failover(args) -> int:
         else:
             os.makedirs(args.to, exist_ok=True)
             targets = {d: os.path.join(args.to, f"{d}.img") for d in disks}
-        results = []
-        for disk, target in targets.items():
-            res = await materialize(repo, point.disks[disk], target, args.overwrite,
-                                    None if args.quiet else _progress(f"{disk} segments"))
-            results.append(res)
+        results = await _materialize_all(repo, point.disks, targets, args)
     finally:
         await repo.backend.close()
     for r in results:
@@ -173,17 +258,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--azure-connection-string-file", help="for azure:// repositories")
     p.set_defaults(fn=cmd_init)
 
+    p = sub.add_parser("member-cert", help="issue a consistency-group member's certificate from the init CA")
+    p.add_argument("--dir", required=True, help="the directory 'lifeboat init --dir' used (its tls/ca.pem, ca.key)")
+    p.add_argument("--machine", required=True, help="the member's machine name (the certificate's common name)")
+    p.add_argument("--hosts", help="comma-separated names/IPs the other members reach its group port by "
+                                   "(default: the machine name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing certificate of this machine")
+    p.set_defaults(fn=cmd_member_cert)
+
     p = sub.add_parser("points", help="list recovery points")
     add_repo_args(p)
-    p.add_argument("--machine")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--machine")
+    which.add_argument("--group", help="list the complete points of this consistency group (one row per tag)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_points)
 
     p = sub.add_parser("failover", help="materialise a machine's disks at a recovery point")
     add_repo_args(p)
     p.add_argument("--test", action="store_true", help="test failover: write to an isolated target, replication continues")
-    p.add_argument("--point", default="latest", help="point id, latest, latest-crash or latest-app")
+    p.add_argument("--point", default="latest", help="point id, latest, latest-crash or latest-app; with --group: "
+                                                      "a group tag, latest-group (= latest), latest-crash or latest-app")
     p.add_argument("--machine")
+    p.add_argument("--group", help="fail over every member of this consistency group at one group point "
+                                   "(--to is then a directory)")
     p.add_argument("--disk", help="only this disk (as named in the agent config)")
     p.add_argument("--to", required=True, help="image file (one disk) or directory (one <disk-id>.img per disk)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing image file")

@@ -24,18 +24,32 @@ class PointEntry:
     block_size: int
     image_digest: str   # xxh3-128 over the ordered per-block digests of the image at the point
     version: int = POINT_ENTRY_VERSION
+    # Consistency group (optional, absent in entries written before groups existed): the group
+    # point <group, group_tag> exists when every machine in group_members has its entries.
+    group: str = ""
+    group_tag: str = ""
+    group_members: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
-        return asdict(self)
+        body = asdict(self)
+        body["group_members"] = list(self.group_members)
+        return body
 
     @classmethod
     def from_json(cls, name: str, body: dict) -> "PointEntry":
         if body.get("version") != POINT_ENTRY_VERSION:
             raise IntegrityError(name, f"catalog entry version {body.get('version')!r} is not supported")
+        optional = {"group": "", "group_tag": "", "group_members": ()}
         try:
-            entry = cls(**{f.name: body[f.name] for f in fields(cls)})
+            values = {f.name: body[f.name] if f.name not in optional else body.get(f.name, optional[f.name])
+                      for f in fields(cls)}
+            values["group_members"] = tuple(values["group_members"])
+            entry = cls(**values)
         except (KeyError, TypeError) as exc:
             raise IntegrityError(name, f"catalog entry lacks a field: {exc}") from None
+        if not (isinstance(entry.group, str) and isinstance(entry.group_tag, str)
+                and all(isinstance(m, str) for m in entry.group_members)):
+            raise IntegrityError(name, "catalog entry has malformed group fields")
         if entry.consistency not in CONSISTENCY_KINDS:
             raise IntegrityError(name, f"unknown consistency {entry.consistency!r}")
         return entry

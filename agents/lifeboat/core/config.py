@@ -153,6 +153,29 @@ class SnapshotConfig:
 
 
 @dataclass(kw_only=True)
+class GroupMember:
+    machine: str = req("member machine name (its certificate's common name)", "db01")
+    address: str = req("host:port of its group listener", "10.0.0.12:20004")
+
+
+@dataclass(kw_only=True)
+class GroupConfig:
+    name: str = opt("", "consistency group name ([a-z0-9_-]); empty = this machine is in no group")
+    coordinator: str = opt("", "member that coordinates; empty = the first machine name in sorted order")
+    listen_host: str = opt("0.0.0.0", "address of this member's group listener")
+    port: int = opt(20004, "port of this member's group listener (TLS, member certificates)")
+    cert: str = opt("", "this machine's member certificate ('lifeboat member-cert')")
+    key: str = opt("", "its private key")
+    ca_cert: str = opt("", "CA that signed every member's certificate")
+    interval_seconds: float = opt(300.0, "coordinator: seconds between crash-consistent group points")
+    app_interval_seconds: float = opt(3600.0, "coordinator: app-consistent group points (pre/post scripts on every "
+                                      "member) at most this often; the reference uses 1-12 h; 0 = every time")
+    hold_deadline_seconds: float = opt(10.0, "HOLD to MARK: a member not answering by then aborts the attempt and "
+                                       "every member thaws")
+    members: list[GroupMember] = opt([], "every member, this machine included (2-16)")
+
+
+@dataclass(kw_only=True)
 class MobilityConfig:
     machine: str = req("this machine's name ([a-z0-9._-])", "web01")
     state_dir: str = req("agent state (digest maps, sequence numbers)", "/var/lib/lifeboat/mobility")
@@ -162,6 +185,7 @@ class MobilityConfig:
     consistency: ConsistencyConfig = opt(None, "quiescing: scripts, filesystem freeze")
     tracking: TrackingConfig = opt(None, "change tracking")
     snapshot: SnapshotConfig = opt(None, "point-in-time snapshots that each cycle reads from")
+    group: GroupConfig = opt(None, "multi-machine consistency group: cycles are driven by the group's coordinator")
     metrics: MetricsConfig = opt(None, "metrics listener", default_port=9461)
     log: LogConfig = opt(None, "logging")
 
@@ -272,6 +296,22 @@ def _validate_mobility(cfg: MobilityConfig) -> None:
         raise ConfigError("replication.extent_max_bytes", "must be a multiple of block_size and at most 4 MiB")
     if cfg.replication.batch_bytes < cfg.replication.extent_max_bytes:
         raise ConfigError("replication.batch_bytes", "must be at least extent_max_bytes")
+    g = cfg.group
+    if g.name:
+        names = [m.machine for m in g.members]
+        if not 2 <= len(names) <= 16 or len(set(names)) != len(names):
+            raise ConfigError("group.members", f"a group has 2 to 16 distinct members, got {names}")
+        if cfg.machine not in names:
+            raise ConfigError("group.members", f"this machine ({cfg.machine}) must be listed among the members")
+        if g.coordinator and g.coordinator not in names:
+            raise ConfigError("group.coordinator", f"{g.coordinator!r} is not a member ({', '.join(names)})")
+        for key in ("cert", "key", "ca_cert"):
+            if not getattr(g, key):
+                raise ConfigError(f"group.{key}", "required for a group member (mutual TLS on the group port)")
+        for i, m in enumerate(g.members):
+            host, _, port = m.address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"group.members[{i}].address", f"{m.address!r} is not host:port")
     if cfg.tracking.bitmap_budget_bytes > 16 * MiB:
         raise ConfigError("tracking.bitmap_budget_bytes", "must be at most 16 MiB (16777216)")
 
@@ -300,12 +340,16 @@ def sample(cls, indent: str = "", prefix: str = "") -> str:
         help_ = f.metadata.get("help", "")
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(tp):
-            body = sample(tp, prefix=f"")
+            body = sample(tp, prefix=f"{key}.")
             if "default_port" in f.metadata:
                 body = body.replace(f"port = {MetricsConfig.port}", f"port = {f.metadata['default_port']}")
             tables.append(f"# {help_}\n[{key}]\n{body}")
         elif tp is list and dataclasses.is_dataclass(item):
-            tables.append(f"# {help_}\n[[{key}]]\n{sample(item)}")
+            block = f"[[{key}]]\n{sample(item, prefix=f'{key}.')}"
+            if f.default_factory is not MISSING:  # optional: an example entry, commented out (indented, so
+                # it is not mistaken for a commented default)
+                block = "\n".join(ln if ln.startswith("#") or not ln else f"#   {ln}" for ln in block.splitlines())
+            tables.append(f"# {help_}\n{block}")
         else:
             required = f.default is MISSING and f.default_factory is MISSING
             value = f.metadata["example"] if required else (

@@ -47,8 +47,10 @@ def create_ca(directory: str, name: str = "Lifeboat CA") -> tuple[str, str]:
     return ca_pem, ca_key
 
 
-def issue_server_cert(ca_pem: str, ca_key: str, directory: str, name: str, hosts: list[str]) -> tuple[str, str]:
-    """Issue <name>.pem / <name>.key for the given DNS names and IP addresses."""
+def issue_server_cert(ca_pem: str, ca_key: str, directory: str, name: str, hosts: list[str],
+                      common_name: str | None = None, client_auth: bool = False) -> tuple[str, str]:
+    """Issue <name>.pem / <name>.key for the given DNS names and IP addresses. A group member's
+    certificate (common_name = its machine name, client_auth) serves both ends of port 20004."""
     with open(ca_pem, "rb") as f:
         ca_cert = x509.load_pem_x509_certificate(f.read())
     with open(ca_key, "rb") as f:
@@ -63,14 +65,15 @@ def issue_server_cert(ca_pem: str, ca_key: str, directory: str, name: str, hosts
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name or hosts[0])]))
         .issuer_name(ca_cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=SERVER_VALIDITY_DAYS))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH] + (
+            [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else [])), critical=False)
         .sign(ca_priv, hashes.SHA256())
     )
     pem, keyp = os.path.join(directory, f"{name}.pem"), os.path.join(directory, f"{name}.key")
@@ -90,3 +93,32 @@ def client_context(ca_pem: str) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_pem)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
+
+
+def issue_member_cert(ca_pem: str, ca_key: str, directory: str, machine: str, hosts: list[str]) -> tuple[str, str]:
+    """<machine>.pem / .key: a consistency-group member's identity (CN = machine name)."""
+    return issue_server_cert(ca_pem, ca_key, directory, machine, hosts, common_name=machine, client_auth=True)
+
+
+def mutual_server_context(cert: str, key: str, ca_pem: str) -> ssl.SSLContext:
+    """Port 20004: the peer must present a certificate from our CA."""
+    ctx = server_context(cert, key)
+    ctx.load_verify_locations(ca_pem)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def mutual_client_context(cert: str, key: str, ca_pem: str) -> ssl.SSLContext:
+    ctx = client_context(ca_pem)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def peer_common_name(ssl_object) -> str | None:
+    """The CN of a verified peer certificate (ssl.SSLObject or SSLSocket)."""
+    cert = ssl_object.getpeercert() if ssl_object else None
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return value
+    return None

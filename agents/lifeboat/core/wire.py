@@ -61,6 +61,12 @@ def validate_bookmark(point: object) -> dict:
         raise ValueError(f"point_id {point['point_id']!r} must match {POINT_ID_RE.pattern}")
     if point["consistency"] not in ("app", "crash", "none"):
         raise ValueError(f"consistency {point['consistency']!r} is not app, crash or none")
+    # Optional: the consistency group this point belongs to (see FORMATS.md, group protocol).
+    if not isinstance(point.get("group", ""), str) or not isinstance(point.get("group_tag", ""), str):
+        raise ValueError("fields 'group' and 'group_tag' must be strings")
+    members = point.get("group_members", [])
+    if not isinstance(members, list) or len(members) > 16 or not all(isinstance(m, str) for m in members):
+        raise ValueError("field 'group_members' must be a list of at most 16 machine names")
     return point
 
 

@@ -18,6 +18,7 @@ from .capture import Capturer, is_block_device
 from .change_log import ChangeLog, Tier, reason_code
 from .digest_map import DigestMap
 from .digest_tracker import PendingBatch, ScanAborted, device_size, scan_disk
+from .group import GroupCoordinator, GroupMember, GroupMetrics, Hold, coordinator_of
 from .kept_data import KeptDataSnapshot
 from .metrics import RESYNC_REASONS, TIER_REASONS, MobilityMetrics
 from .quiescer import run_script
@@ -59,6 +60,9 @@ class Agent:
         self.capturer: Capturer | None = None
         self._last_app = float("-inf")
         self._kept_bytes = 0   # freeze-copied bytes the change log kept for the current cycle
+        self._group_fields: dict = {}
+        self.cycle_lock = asyncio.Lock()
+        self.group_port: int | None = None
 
     def _token(self) -> str:
         path = resolve_credential(self.config.process_server.token_file)
@@ -217,9 +221,14 @@ class Agent:
         if self.sender:
             await self.sender.__aexit__(None, None, None)
 
-    async def run_cycle(self) -> dict:
-        """One cycle: [pre script] → freeze → snapshot + tracker epoch → thaw → [post script] → read the
-        epoch's dirty blocks from the snapshot → send → bookmark acknowledged → map saved → snapshot dropped."""
+    async def run_cycle(self, group_hold: Hold | None = None) -> dict:
+        """One cycle: [pre script] → freeze → [group HOLD/MARK] → snapshot + tracker epoch → thaw → [post
+        script] → read the epoch's dirty blocks from the snapshot → send → bookmark acknowledged → map
+        saved → snapshot dropped. Cycles never overlap."""
+        async with self.cycle_lock:
+            return await self._run_cycle(group_hold)
+
+    async def _run_cycle(self, group_hold: Hold | None) -> dict:
         cfg = self.config
         loop = asyncio.get_running_loop()
         self.cycle += 1
@@ -229,8 +238,13 @@ class Agent:
         for state in self.disks:
             self._check_geometry(state)
         q = cfg.consistency
-        app_due = bool(q.pre_script or q.post_script) and (
-            q.app_interval_seconds == 0 or t0 - self._last_app >= q.app_interval_seconds)
+        if group_hold:  # the coordinator decides when the group's points are app-consistent
+            app_due = bool(q.pre_script or q.post_script) and group_hold.app
+        else:
+            app_due = bool(q.pre_script or q.post_script) and (
+                q.app_interval_seconds == 0 or t0 - self._last_app >= q.app_interval_seconds)
+        self._group_fields = {} if not group_hold else {
+            "group": group_hold.group, "group_tag": group_hold.tag, "group_members": group_hold.members}
         self._post_done = not app_due
         pre_ok = app_due
         if app_due and q.pre_script:
@@ -242,7 +256,15 @@ class Agent:
         try:
             created = time.time()
             wanted = {s.disk_id: self._owed(s) for s in self.disks}
-            capture = await loop.run_in_executor(None, self.capturer.capture, point_id, wanted)
+            capture = await loop.run_in_executor(None, self.capturer.capture, point_id, wanted,
+                                                 group_hold.wait_for_mark if group_hold else None)
+            if group_hold:
+                try:
+                    await group_hold.marked(point_id, capture.frozen_at, capture.thawed_at)
+                except (ConnectionError, OSError) as exc:
+                    # The point is still good; whether the group point is complete is decided by
+                    # which members recorded the tag.
+                    logger.warning("could not answer MARKED to the coordinator", TAG=group_hold.tag, error=str(exc))
             self._note_capture(capture, point_id)
             # With a live read ("none" provider) the writers must stay held until the reads are done.
             live = any(d.snapshot.provider == "none" or getattr(d.snapshot, "live_ranges", None)
@@ -371,7 +393,7 @@ class Agent:
             def bookmark(image_digest: str) -> dict:
                 return {"point_id": point_id, "machine": self.config.machine, "created": created,
                         "consistency": consistency, "cycle": self.cycle, "block_size": rep.block_size,
-                        "image_digest": image_digest}
+                        "image_digest": image_digest, **self._group_fields}
 
             d = capture.disks[state.disk_id]
             scans[state.disk_id] = loop.run_in_executor(
@@ -422,7 +444,10 @@ class Agent:
         return [r for _, r in done]
 
     async def run(self, stop: asyncio.Event, cycles: int | None = None) -> None:
-        """Cycle every interval until stopped (or for `cycles` cycles); a failed cycle is retried next time."""
+        """Cycle every interval until stopped (or for `cycles` cycles); a failed cycle is retried next time.
+        In a consistency group the coordinator's rounds drive the cycles instead."""
+        if self.config.group.name:
+            return await self._run_group(stop, cycles)
         interval = self.config.replication.interval_seconds
         n = 0
         while not stop.is_set():
@@ -438,3 +463,23 @@ class Agent:
                 await asyncio.wait_for(stop.wait(), max(0.0, interval - (time.monotonic() - t0)))
             except asyncio.TimeoutError:
                 pass
+
+    async def _run_group(self, stop: asyncio.Event, cycles: int | None) -> None:
+        g = self.config.group
+        metrics = GroupMetrics(self.metrics.registry)
+        member = GroupMember(self, g, self.config.machine, metrics)
+        self.group_port = await member.start()
+        coordinator = None
+        if coordinator_of(g) == self.config.machine:
+            coordinator = asyncio.create_task(GroupCoordinator(g, self.config.machine, metrics).run(stop))
+        try:
+            while not stop.is_set() and (cycles is None or member.cycles_done < cycles):
+                try:
+                    await asyncio.wait_for(stop.wait(), 0.2)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            if coordinator:
+                coordinator.cancel()
+                await asyncio.gather(coordinator, return_exceptions=True)
+            await member.close()

@@ -65,6 +65,8 @@ class Capture:
     freeze_error: str | None = None
     seconds: float = 0.0             # drain + snapshots + rotate (inside the freeze window when frozen)
     phases: dict[str, float] | None = None   # seconds per step: freeze (incl. watchdog start), drain, snapshot, rotate
+    frozen_at: float = 0.0           # wall clock: everything frozen (group rounds compare members' windows)
+    thawed_at: float = 0.0
 
     @property
     def consistent(self) -> bool:
@@ -106,24 +108,27 @@ class Capturer:
                 found += [m for m in mounted_filesystems(path) if m not in found]
         return found
 
-    def capture(self, tag: str, wanted: dict[str, tuple[list[tuple[int, int]] | None, str | None]]) -> Capture:
-        """wanted: disk_id -> (ranges still owed from failed cycles, reason to read everything or None)."""
+    def capture(self, tag: str, wanted: dict[str, tuple[list[tuple[int, int]] | None, str | None]],
+                hold=None) -> Capture:
+        """wanted: disk_id -> (ranges still owed from failed cycles, reason to read everything or None).
+        hold(), if given, is called once everything is frozen and returns when the snapshot may be
+        taken (a consistency group's MARK); if it raises, everything thaws and nothing is captured."""
         mounts = self.mountpoints()
         freeze_error = None
         if mounts:
             try:
-                return self._capture(tag, wanted, mounts)
+                return self._capture(tag, wanted, mounts, hold)
             except FreezeError as exc:
                 # Frozen() thawed whatever it had frozen. A snapshot alone is still one instant of the
                 # block device, only without the filesystem's cooperation.
                 freeze_error = str(exc)
                 logger.error("filesystem freeze failed: snapshot taken without it", error=freeze_error,
                              mountpoints=mounts)
-        cap = self._capture(tag, wanted, [])
+        cap = self._capture(tag, wanted, [], hold)
         cap.freeze_error = freeze_error
         return cap
 
-    def _capture(self, tag: str, wanted, mounts: list[str]) -> Capture:
+    def _capture(self, tag: str, wanted, mounts: list[str], hold=None) -> Capture:
         """Drain the tracker, snapshot, then rotate its epoch with overlap: a write racing the
         snapshot is reported in both epochs (over-reporting is safe, under-reporting loses data).
         Nothing is logged while frozen (the log could live on a frozen filesystem): messages wait."""
@@ -137,6 +142,9 @@ class Capturer:
             write_back(path)  # the bulk, before the freeze window opens
         try:
             with frozen if frozen else contextlib.nullcontext():
+                frozen_at = time.time()
+                if hold:
+                    hold()
                 t1 = time.monotonic()
                 if self.tracker:
                     for path in tracked:
@@ -174,7 +182,8 @@ class Capturer:
             for level, event, kw in self._deferred:
                 getattr(logger, level)(event, **kw)
         phases = {"freeze": t1 - t0, "drain": t2 - t1, "snapshot": t3 - t2, "rotate": t4 - t3}
-        return Capture(done, mounts, frozen.window_seconds if frozen else None, None, time.monotonic() - t0, phases)
+        return Capture(done, mounts, frozen.window_seconds if frozen else None, None, time.monotonic() - t0, phases,
+                       frozen_at, time.time())
 
     def _create(self, disk_id: str, tag: str, ranges, block_size: int, allowed: tuple[str, ...]) -> Snapshot | None:
         path = self.devices[disk_id]

@@ -107,6 +107,8 @@ class DiskUploader:
                     frame_index=i, disk_size=header.disk_size, created=float(bm.get("created", 0)),
                     consistency=bm.get("consistency", "none"), cycle=int(bm.get("cycle", 0)),
                     block_size=int(bm.get("block_size", 0)), image_digest=str(bm.get("image_digest", "")),
+                    group=str(bm.get("group", "")), group_tag=str(bm.get("group_tag", "")),
+                    group_members=tuple(bm.get("group_members", ())),
                 )
                 await self.repo.put_point(entry)
                 points.append(entry)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import lifeboat.core as core
 from lifeboat.core import compression, crypto, keys, sealed, segment, wire, catalog
-from lifeboat.mobility import change_log, digest_map
+from lifeboat.mobility import change_log, digest_map, group_wire
 
 DOC = Path(core.__file__).with_name("FORMATS.md")
 MODULES = {m.__name__.rsplit(".", 1)[1]: m for m in (compression, crypto, keys, sealed, segment, wire, catalog, digest_map,
-                                                        change_log)}
+                                                        change_log, group_wire)}
 ROW = re.compile(r"^\|\s*`(\w+)\.(\w+)`\s*\|\s*`([^`]+)`\s*\|")
 
 
@@ -26,6 +26,8 @@ def doc_constants() -> list[tuple[str, str, object]]:
 
 def code_value(module: str, name: str):
     value = getattr(MODULES[module], name)
+    if isinstance(value, re.Pattern):  # documented as the pattern string (fullmatch semantics)
+        return value.pattern
     return value.format if isinstance(value, struct.Struct) else value
 
 
@@ -40,7 +42,7 @@ def test_every_format_constant_in_the_code_is_documented():
     documented = {(m, n) for m, n, _ in doc_constants()}
     pattern = re.compile(r"(MAGIC|VERSION|_HEADER$|ENTRY$|TRAILER$|^FRAME_|CHECKSUM$)")
     missing = []
-    for mod_name in ("wire", "segment", "sealed", "keys", "digest_map", "change_log"):
+    for mod_name in ("wire", "segment", "sealed", "keys", "digest_map", "change_log", "group_wire"):
         source = Path(MODULES[mod_name].__file__).read_text()
         for name, value in vars(MODULES[mod_name]).items():
             defined_here = re.search(rf"^{name}\s*=", source, re.M)
@@ -61,3 +63,15 @@ def test_documented_struct_sizes_are_what_the_text_says():
     assert change_log.HRL_HEADER.size == 24
     assert change_log.RECORD_HEADER.size == 8
     assert change_log.BITMAP_BODY.size == 28
+    assert group_wire.GROUP_HEADER.size == group_wire.GROUP_HEADER_BYTES == 12
+
+
+def test_group_frame_types_are_documented_with_their_numbers():
+    text = DOC.read_text()
+    section = text[text.index("## 7. Consistency-group protocol"):text.index("## Changes")]
+    for kind, name in group_wire.FRAME_NAMES.items():
+        assert f"| {name} ({kind}) |" in section, f"frame type {name} ({kind}) is not in FORMATS.md section 7"
+    for kind, fields in group_wire._FIELDS.items():
+        row = next(line for line in section.splitlines() if line.startswith(f"| {group_wire.FRAME_NAMES[kind]} ("))
+        for field in fields:
+            assert f"`{field}`" in row, f"{group_wire.FRAME_NAMES[kind]} field {field} is not documented"

@@ -1,0 +1,153 @@
+"""Consistency groups: three agents on one host, three ext4 loop devices, three writers, port 20004 on loopback.
+
+Every member keeps its reflink clones; a group point is right when, for its tag, each member's
+recovered image equals that member's clone taken at that tag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from blockdev import start_writer, stop, tracked_ext4
+from lab import free_port, sha256_file
+
+from lifeboat.core import tls
+
+MEMBERS = ("app01", "db01", "web01")  # app01 coordinates (first in sorted order)
+
+
+@pytest.fixture
+def group(lab, tmp_path):
+    if os.geteuid() != 0:
+        if os.environ.get("LIFEBOAT_REQUIRE_ROOT_TESTS") == "1":
+            pytest.fail("these tests need root (loop devices, mount, tracefs)", pytrace=False)
+        pytest.skip("needs root: loop devices, mount, tracefs")
+    for m in MEMBERS:
+        (tmp_path / m).mkdir()
+    with contextlib.ExitStack() as stack:
+        disks = {m: stack.enter_context(tracked_ext4(tmp_path / m, 48, xfs_mib=768)) for m in MEMBERS}
+        tls_dir = os.path.dirname(lab.init["ca_cert"])
+        ca_key = os.path.join(tls_dir, "ca.key")
+        certs = {m: tls.issue_member_cert(lab.init["ca_cert"], ca_key, tls_dir, m, ["127.0.0.1"]) for m in MEMBERS}
+        ports = {m: free_port() for m in MEMBERS}
+        writers = [start_writer(disks[m].mountpoint / "data.bin", 16 << 20, 2e6, seed=i)
+                   for i, m in enumerate(MEMBERS)]
+        stack.callback(lambda: [stop(w) for w in writers])
+        lab.start_ps()
+        yield Group(lab, disks, certs, ports)
+
+
+class Group:
+    def __init__(self, lab, disks, certs, ports) -> None:
+        self.lab, self.disks, self.certs, self.ports = lab, disks, certs, ports
+
+    def extra(self, machine: str, **group) -> dict:
+        cert, key = self.certs[machine]
+        return {"replication": {"batch_bytes": 4 << 20},
+                "tracking": {"tracker": "tracepoint"},
+                "snapshot": {"providers": ["reflink"], "dir": str(self.disks[machine].snapshot_dir), "keep": 100},
+                "consistency": {"freeze_timeout_seconds": 20.0},
+                "group": {"name": "shop", "listen_host": "127.0.0.1", "port": self.ports[machine], "cert": cert,
+                          "key": key, "ca_cert": self.lab.init["ca_cert"], "interval_seconds": 1.5,
+                          "hold_deadline_seconds": 5.0, **group,
+                          "members": [{"machine": m, "address": f"127.0.0.1:{self.ports[m]}"} for m in MEMBERS]}}
+
+    def start(self, machine: str, **group):
+        return self.lab.start_agent(machine, {"sda": self.disks[machine].device}, extra=self.extra(machine, **group))
+
+    def group_points(self) -> list[dict]:
+        res = self.lab.cli("points", "--group", "shop", "--json")
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+
+    def wait_group_points(self, count: int, timeout: float = 120) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while self.lab.log_path.read_text().count("group round marked") < count:
+            assert time.monotonic() < deadline, f"fewer than {count} rounds marked; see {self.lab.log_path}"
+            time.sleep(0.2)
+        while len(pts := self.group_points()) < count:
+            assert time.monotonic() < deadline, f"{len(pts)} of {count} group points; see {self.lab.log_path}"
+            time.sleep(0.5)
+        return pts
+
+
+def writable_within(mountpoint, seconds: float) -> float:
+    """Seconds until a write + fsync to the filesystem completes (it blocks while frozen)."""
+    t0 = time.monotonic()
+    subprocess.run(["dd", "if=/dev/zero", f"of={mountpoint}/probe", "bs=4k", "count=1", "conv=fsync"],
+                   check=True, capture_output=True, timeout=seconds)
+    return time.monotonic() - t0
+
+
+def test_group_points_recover_every_member_at_the_same_instant(group, tmp_path):
+    agents = [group.start(m) for m in MEMBERS]
+    try:
+        points = group.wait_group_points(3)
+    finally:
+        for a in agents:
+            a.terminate()
+        for a in agents:
+            assert a.wait(60) == 0
+    for gp in points[:3]:
+        assert sorted(gp["members"]) == list(MEMBERS) and gp["consistency"] == "crash"
+        out = tmp_path / f"out-{gp['tag']}"
+        res = group.lab.cli("failover", "--test", "--group", "shop", "--point", gp["tag"], "--to", str(out), "-q")
+        assert res.returncode == 0, res.stderr
+        for machine, point_id in gp["members"].items():
+            clone = group.disks[machine].snapshot_dir / f"{machine}.sda.{point_id}.snap"
+            assert sha256_file(out / f"{machine}.sda.img") == sha256_file(clone), (gp["tag"], machine)
+    # A member alone would not match the others' instant: refused, with the way out.
+    some = points[0]["members"]["db01"]
+    res = group.lab.failover(some, tmp_path / "alone.img")
+    assert res.returncode != 0 and "consistency group shop" in res.stderr and "--group shop" in res.stderr
+    # The hold window is exported by the coordinator.
+    log = group.lab.log_path.read_text()
+    holds = [float(x) for x in re.findall(r"event='group round marked'.*?hold_ms=([0-9.]+)", log)]
+    assert len(holds) >= 3, holds
+
+
+def test_a_member_that_never_answers_aborts_the_round_and_everyone_thaws(group, tmp_path):
+    agents = {m: group.start(m) for m in MEMBERS}
+    try:
+        group.wait_group_points(1)
+        before = len(group.group_points())
+        # web01 hangs (its process stops answering); its filesystem is not frozen by anyone.
+        os.kill(agents["web01"].pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        log = group.lab.log_path
+        while log.read_text().count("group round aborted: every member thaws") < 2:
+            assert time.monotonic() < deadline, "no aborted round"
+            time.sleep(0.2)
+        # The others were released within the deadline (5 s) of each attempt.
+        for m in ("app01", "db01"):
+            assert writable_within(group.disks[m].mountpoint, 6.0) < 6.0
+        os.kill(agents["web01"].pid, signal.SIGCONT)
+        assert len(group.group_points()) == before
+        # Kill the coordinator while members hold: with web01 stopped again, app01 and db01 are
+        # frozen waiting for MARK when app01 dies; db01 must thaw at once (lost coordinator),
+        # app01's own filesystem through its external watchdog.
+        os.kill(agents["web01"].pid, signal.SIGSTOP)
+        text = log.read_text()
+        deadline = time.monotonic() + 30
+        while log.read_text().count("group hold received") < text.count("group hold received") + 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.3)
+        agents["app01"].send_signal(signal.SIGKILL)
+        agents["app01"].wait(30)
+        for m in ("app01", "db01"):
+            assert writable_within(group.disks[m].mountpoint, 8.0) < 8.0
+    finally:
+        os.kill(agents["web01"].pid, signal.SIGCONT)
+        for a in agents.values():
+            if a.poll() is None:
+                a.terminate()
+                a.wait(60)
+    assert len(group.group_points()) == before
