@@ -113,39 +113,57 @@ def test_group_points_recover_every_member_at_the_same_instant(group, tmp_path):
     assert len(holds) >= 3, holds
 
 
-def test_a_member_that_never_answers_aborts_the_round_and_everyone_thaws(group, tmp_path):
-    agents = {m: group.start(m) for m in MEMBERS}
+def test_a_member_that_never_answers_hold_aborts_the_round_and_everyone_thaws(group, tmp_path):
+    # web01's pre script hangs while tmp/hang exists: it never gets to answer HELD. app01 and db01
+    # freeze on HOLD and wait for a MARK that cannot come.
+    hang = tmp_path / "hang"
+    script = tmp_path / "pre.sh"
+    script.write_text(f"#!/bin/sh\nwhile [ -e {hang} ] && [ \"$LIFEBOAT_PHASE\" = pre ]; do sleep 0.1; done\n")
+    script.chmod(0o755)
+    agents = {m: group.start(m, app_interval_seconds=0) for m in ("app01", "db01")}
+    agents["web01"] = group.lab.start_agent("web01", {"sda": group.disks["web01"].device}, extra={
+        **group.extra("web01"), "consistency": {"pre_script": str(script), "post_script": str(script),
+                                                "script_timeout_seconds": 30.0, "freeze_timeout_seconds": 20.0}})
+    log = group.lab.log_path
     try:
         group.wait_group_points(1)
+        assert group.group_points()[0]["consistency"] == "crash"  # app01/db01 have no scripts
         before = len(group.group_points())
-        # web01 hangs (its process stops answering); its filesystem is not frozen by anyone.
-        os.kill(agents["web01"].pid, signal.SIGSTOP)
-        deadline = time.monotonic() + 60
-        log = group.lab.log_path
-        while log.read_text().count("group round aborted: every member thaws") < 2:
+        hang.touch()
+        n = log.read_text().count("did not answer HELD in time")
+        t0 = time.monotonic()
+        deadline = t0 + 30
+        while log.read_text().count("did not answer HELD in time") <= n:
             assert time.monotonic() < deadline, "no aborted round"
-            time.sleep(0.2)
-        # The others were released within the deadline (5 s) of each attempt.
+            time.sleep(0.05)
+        assert time.monotonic() - t0 < 1.5 + 5.0 + 1.0  # one interval + the 5 s hold deadline + slack
+        # Everyone else was released: their filesystems take writes at once.
         for m in ("app01", "db01"):
-            assert writable_within(group.disks[m].mountpoint, 6.0) < 6.0
-        os.kill(agents["web01"].pid, signal.SIGCONT)
-        assert len(group.group_points()) == before
-        # Kill the coordinator while members hold: with web01 stopped again, app01 and db01 are
-        # frozen waiting for MARK when app01 dies; db01 must thaw at once (lost coordinator),
-        # app01's own filesystem through its external watchdog.
-        os.kill(agents["web01"].pid, signal.SIGSTOP)
-        text = log.read_text()
+            assert writable_within(group.disks[m].mountpoint, 3.0) < 3.0
+        hang.unlink()
+        marked = log.read_text().count("group round marked")
+        while log.read_text().count("group round marked") <= marked:  # the group recovers by itself
+            assert time.monotonic() < deadline + 30
+            time.sleep(0.1)
+        before = len(group.wait_group_points(before + 1))
+        # Kill the coordinator mid-HOLD: web01 hangs again, app01 and db01 are frozen waiting for
+        # MARK when app01 dies; db01 thaws at once (lost coordinator), app01's own filesystem
+        # through its external thaw watchdog (agent gone).
+        holds = log.read_text().count("group hold received")
+        hang.touch()
         deadline = time.monotonic() + 30
-        while log.read_text().count("group hold received") < text.count("group hold received") + 2:
+        while log.read_text().count("group hold received") < holds + 3:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        time.sleep(0.3)
+        time.sleep(0.5)
         agents["app01"].send_signal(signal.SIGKILL)
         agents["app01"].wait(30)
         for m in ("app01", "db01"):
-            assert writable_within(group.disks[m].mountpoint, 8.0) < 8.0
+            assert writable_within(group.disks[m].mountpoint, 3.0) < 3.0
+        text = log.read_text()
+        assert "the coordinator went away during the hold" in text and "reason='agent gone'" in text
     finally:
-        os.kill(agents["web01"].pid, signal.SIGCONT)
+        hang.unlink(missing_ok=True)
         for a in agents.values():
             if a.poll() is None:
                 a.terminate()

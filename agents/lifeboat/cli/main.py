@@ -277,8 +277,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("failover", help="materialise a machine's disks at a recovery point")
     add_repo_args(p)
     p.add_argument("--test", action="store_true", help="test failover: write to an isolated target, replication continues")
-    p.add_argument("--point", default="latest", help="point id, latest, latest-crash or latest-app; with --group: "
-                                                      "a group tag, latest-group (= latest), latest-crash or latest-app")
+    p.add_argument("--point", default="latest",
+                   help="point id, latest, latest-crash or latest-app; with --group: a group tag, latest-group "
+                        "(= latest), latest-crash or latest-app")
     p.add_argument("--machine")
     p.add_argument("--group", help="fail over every member of this consistency group at one group point "
                                    "(--to is then a directory)")

@@ -207,8 +207,9 @@ class GroupCoordinator:
         deadline = time.monotonic() + self.cfg.hold_deadline_seconds
         conns: dict[str, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
         try:
-            await self._all_or_none([self._hold(m.machine, m.address, tag, app, deadline, conns)
-                                     for m in self.cfg.members])
+            # Reach every member before anyone freezes: an unreachable member costs no hold at all.
+            await self._all_or_none([self._connect(m.machine, m.address, deadline, conns) for m in self.cfg.members])
+            await self._all_or_none([self._hold(m.machine, tag, app, deadline, conns) for m in self.cfg.members])
             await asyncio.gather(*(write_frame(w, MARK, tag=tag) for _, w in conns.values()))
             marks = await asyncio.gather(*(self._expect(r, MARKED, tag, deadline + 30) for r, _ in conns.values()))
         except (GroupAborted, GroupFrameError, asyncio.IncompleteReadError, ConnectionError, ssl.SSLError,
@@ -243,7 +244,7 @@ class GroupCoordinator:
             if t.done() and not t.cancelled() and t.exception():
                 raise t.exception()
 
-    async def _hold(self, machine: str, address: str, tag: str, app: bool, deadline: float, conns: dict) -> None:
+    async def _connect(self, machine: str, address: str, deadline: float, conns: dict) -> None:
         host, _, port = address.rpartition(":")
         try:
             reader, writer = await asyncio.wait_for(
@@ -256,6 +257,9 @@ class GroupCoordinator:
         if cn != machine:
             raise GroupAborted(f"{address} presented certificate {cn!r}, expected member {machine}")
         await write_frame(writer, HELLO, group=self.cfg.name, member=self.machine)
+
+    async def _hold(self, machine: str, tag: str, app: bool, deadline: float, conns: dict) -> None:
+        reader, writer = conns[machine]
         await write_frame(writer, HOLD, group=self.cfg.name, tag=tag, app=app,
                           deadline_ms=max(1, int((deadline - time.monotonic()) * 1000)))
         await self._expect(reader, HELD, tag, deadline, machine)

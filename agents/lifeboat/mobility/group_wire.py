@@ -66,7 +66,9 @@ def decode_header(header: bytes) -> tuple[int, int]:
 
 def decode_body(kind: int, body: bytes) -> dict:
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, parse_constant=_no_constant)
+    except RecursionError:  # 64 KiB of "[" nests deeper than the parser's stack
+        raise GroupFrameError(f"{FRAME_NAMES[kind]} body nests too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise GroupFrameError(f"{FRAME_NAMES[kind]} body is not JSON: {exc}") from None
     if not isinstance(obj, dict):
@@ -74,11 +76,18 @@ def decode_body(kind: int, body: bytes) -> dict:
     return validate(kind, obj)
 
 
+def _no_constant(name: str):
+    # NaN and Infinity are not JSON; Python accepts them unless told otherwise.
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def validate(kind: int, obj: dict) -> dict:
     name = FRAME_NAMES.get(kind, str(kind))
     for field, (typ, check) in _FIELDS[kind].items():
         value = obj.get(field)
         if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > 2**53:  # not a plausible timestamp, and float() of a huge int overflows
+                raise GroupFrameError(f"{name} field {field!r} is out of range")
             value = obj[field] = float(value)
         if not isinstance(value, typ) or (typ is not bool and isinstance(value, bool)):
             raise GroupFrameError(f"{name} field {field!r} is missing or not {typ.__name__}")

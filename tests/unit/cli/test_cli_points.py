@@ -43,8 +43,8 @@ def group_tag_entries(tag: str, created: float, consistency: dict[str, str] | No
     out = []
     for i, m in enumerate(MEMBERS):
         if m not in skip:
-            out += machine_entries(m, f"{m}-{tag}" if group == "shop" else f"{m}-{group}-{tag}", created + i * 0.01, (consistency or {}).get(m, "crash"),
-                                   group, tag)
+            point_id = f"{m}-{tag}" if group == "shop" else f"{m}-{group}-{tag}"
+            out += machine_entries(m, point_id, created + i * 0.01, (consistency or {}).get(m, "crash"), group, tag)
     return out
 
 
