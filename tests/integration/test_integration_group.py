@@ -6,8 +6,6 @@ recovered image equals that member's clone taken at that tag.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import signal
@@ -15,12 +13,8 @@ import subprocess
 import time
 
 import pytest
-from blockdev import start_writer, stop, tracked_ext4
-from lab import free_port, sha256_file
-
-from lifeboat.core import tls
-
-MEMBERS = ("app01", "db01", "web01")  # app01 coordinates (first in sorted order)
+from grouplab import MEMBERS, three_member_group
+from lab import sha256_file
 
 
 @pytest.fixture
@@ -29,53 +23,8 @@ def group(lab, tmp_path):
         if os.environ.get("LIFEBOAT_REQUIRE_ROOT_TESTS") == "1":
             pytest.fail("these tests need root (loop devices, mount, tracefs)", pytrace=False)
         pytest.skip("needs root: loop devices, mount, tracefs")
-    for m in MEMBERS:
-        (tmp_path / m).mkdir()
-    with contextlib.ExitStack() as stack:
-        disks = {m: stack.enter_context(tracked_ext4(tmp_path / m, 48, xfs_mib=768)) for m in MEMBERS}
-        tls_dir = os.path.dirname(lab.init["ca_cert"])
-        ca_key = os.path.join(tls_dir, "ca.key")
-        certs = {m: tls.issue_member_cert(lab.init["ca_cert"], ca_key, tls_dir, m, ["127.0.0.1"]) for m in MEMBERS}
-        ports = {m: free_port() for m in MEMBERS}
-        writers = [start_writer(disks[m].mountpoint / "data.bin", 16 << 20, 2e6, seed=i)
-                   for i, m in enumerate(MEMBERS)]
-        stack.callback(lambda: [stop(w) for w in writers])
-        lab.start_ps()
-        yield Group(lab, disks, certs, ports)
-
-
-class Group:
-    def __init__(self, lab, disks, certs, ports) -> None:
-        self.lab, self.disks, self.certs, self.ports = lab, disks, certs, ports
-
-    def extra(self, machine: str, **group) -> dict:
-        cert, key = self.certs[machine]
-        return {"replication": {"batch_bytes": 4 << 20},
-                "tracking": {"tracker": "tracepoint"},
-                "snapshot": {"providers": ["reflink"], "dir": str(self.disks[machine].snapshot_dir), "keep": 100},
-                "consistency": {"freeze_timeout_seconds": 20.0},
-                "group": {"name": "shop", "listen_host": "127.0.0.1", "port": self.ports[machine], "cert": cert,
-                          "key": key, "ca_cert": self.lab.init["ca_cert"], "interval_seconds": 1.5,
-                          "hold_deadline_seconds": 5.0, **group,
-                          "members": [{"machine": m, "address": f"127.0.0.1:{self.ports[m]}"} for m in MEMBERS]}}
-
-    def start(self, machine: str, **group):
-        return self.lab.start_agent(machine, {"sda": self.disks[machine].device}, extra=self.extra(machine, **group))
-
-    def group_points(self) -> list[dict]:
-        res = self.lab.cli("points", "--group", "shop", "--json")
-        assert res.returncode == 0, res.stderr
-        return json.loads(res.stdout)
-
-    def wait_group_points(self, count: int, timeout: float = 120) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while self.lab.log_path.read_text().count("group round marked") < count:
-            assert time.monotonic() < deadline, f"fewer than {count} rounds marked; see {self.lab.log_path}"
-            time.sleep(0.2)
-        while len(pts := self.group_points()) < count:
-            assert time.monotonic() < deadline, f"{len(pts)} of {count} group points; see {self.lab.log_path}"
-            time.sleep(0.5)
-        return pts
+    with three_member_group(lab, tmp_path) as g:
+        yield g
 
 
 def writable_within(mountpoint, seconds: float) -> float:
@@ -90,6 +39,10 @@ def test_group_points_recover_every_member_at_the_same_instant(group, tmp_path):
     agents = [group.start(m) for m in MEMBERS]
     try:
         points = group.wait_group_points(3)
+        # The coordinator exports the hold window (first member freeze to last member thaw).
+        metrics = group.metrics("app01")
+        count = float(re.search(r"^lifeboat_group_hold_seconds_count (\S+)$", metrics, re.M).group(1))
+        assert count >= 3, metrics
     finally:
         for a in agents:
             a.terminate()
@@ -160,8 +113,11 @@ def test_a_member_that_never_answers_hold_aborts_the_round_and_everyone_thaws(gr
         agents["app01"].wait(30)
         for m in ("app01", "db01"):
             assert writable_within(group.disks[m].mountpoint, 3.0) < 3.0
-        text = log.read_text()
-        assert "the coordinator went away during the hold" in text and "reason='agent gone'" in text
+        deadline = time.monotonic() + 10  # the watchdog thaws first and logs after
+        while "reason='agent gone'" not in (text := log.read_text()):
+            assert time.monotonic() < deadline, "app01's thaw watchdog did not report"
+            time.sleep(0.1)
+        assert "the coordinator went away during the hold" in text
     finally:
         hang.unlink(missing_ok=True)
         for a in agents.values():

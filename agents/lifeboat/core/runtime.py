@@ -12,6 +12,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from . import sd_notify
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 
@@ -33,7 +35,7 @@ def pin_malloc() -> bool:
 
 
 def run(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
-    """Run main(stop_event) on uvloop; SIGTERM/SIGINT only set the event (no exit from handlers)."""
+    """Run main(stop_event) on uvloop; SIGTERM/SIGINT set the event and send STOPPING=1 (no exit from handlers)."""
     pin_malloc()
     try:
         import uvloop
@@ -45,8 +47,19 @@ def run(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
     async def wrapper() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            # Only schedule the stop and tell systemd; the daemon's own shutdown runs on the loop.
+            if not stop.is_set():
+                sd_notify.notify("STOPPING=1")
+                stop.set()
+            # A second Ctrl-C kills at once, as an operator expects; a repeated SIGTERM does not,
+            # so that an impatient `kill` cannot cut the agent's shutdown short (systemd follows
+            # up with SIGKILL after TimeoutStopSec= anyway).
+            loop.remove_signal_handler(signal.SIGINT)
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         return await main(stop)
 
     with runner:

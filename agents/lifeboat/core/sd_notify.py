@@ -1,4 +1,4 @@
-"""sd_notify(3) without libsystemd: datagrams to $NOTIFY_SOCKET."""
+"""sd_notify(3) without libsystemd: datagrams to $NOTIFY_SOCKET, and the $WATCHDOG_USEC contract."""
 
 from __future__ import annotations
 
@@ -20,3 +20,18 @@ def notify(state: str) -> bool:
         except OSError:
             return False
     return True
+
+
+def watchdog_seconds() -> float | None:
+    """The watchdog timeout systemd set (WatchdogSec=), or None when no watchdog is armed for us.
+
+    As sd_watchdog_enabled(3): $WATCHDOG_PID, when set, must name this process, so that a child
+    that inherited the environment does not ping on its parent's behalf.
+    """
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    if pid and (not pid.isdigit() or int(pid) != os.getpid()):
+        return None
+    return int(usec) / 1_000_000

@@ -182,8 +182,12 @@ class Capturer:
             for level, event, kw in self._deferred:
                 getattr(logger, level)(event, **kw)
         phases = {"freeze": t1 - t0, "drain": t2 - t1, "snapshot": t3 - t2, "rotate": t4 - t3}
+        if frozen and frozen.window_seconds:  # the freeze's own clock: not the watchdog's reaping after it
+            frozen_at, thawed_at = frozen.frozen_at, frozen.thawed_at
+        else:
+            thawed_at = time.time()
         return Capture(done, mounts, frozen.window_seconds if frozen else None, None, time.monotonic() - t0, phases,
-                       frozen_at, time.time())
+                       frozen_at, thawed_at)
 
     def _create(self, disk_id: str, tag: str, ranges, block_size: int, allowed: tuple[str, ...]) -> Snapshot | None:
         path = self.devices[disk_id]

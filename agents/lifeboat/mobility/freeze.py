@@ -181,6 +181,7 @@ class Frozen:
             raise
         # From here until the last thaw: no logging, no imports, no file writes.
         self._t0 = time.monotonic()
+        self.frozen_at = time.time()   # wall clock of the first FIFREEZE (group rounds compare members)
         failure: tuple[str, OSError] | None = None
         try:
             for path, fd in self._fds:
@@ -263,6 +264,7 @@ class Frozen:
             return
         self.thaw_errors = self._thaw_all()
         self.window_seconds = time.monotonic() - self._t0
+        self.thawed_at = self.frozen_at + self.window_seconds
         # Only claim "thawed" if every thaw worked; otherwise EOF makes the watchdog try again.
         code = self._stop_watchdog(done=not self.thaw_errors)
         self._close_fds()

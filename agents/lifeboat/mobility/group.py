@@ -150,6 +150,9 @@ class GroupMember:
             self._reject("malformed", str(exc), peer)
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, asyncio.TimeoutError) as exc:
             logger.info("group connection lost", peer=peer, error=type(exc).__name__)
+        except asyncio.CancelledError:
+            # The agent is stopping; a capture already running in its thread still thaws on its own.
+            logger.info("group connection closed: the agent is stopping", peer=peer)
         finally:
             writer.close()
             try:

@@ -21,9 +21,20 @@ import signal
 import sys
 import time
 
-from ..core import logging as log
 
-logger = log.get("lifeboat.mobility.thaw_watchdog")
+
+class _Logger:
+    """Imports and configures structlog only when there is something to say: the common path
+    (armed, told "thawed", exit) must start fast, because every group member spawns one right
+    before it freezes and the slowest spawn widens the group's hold window."""
+
+    def __getattr__(self, level: str):
+        from ..core import logging as log
+        log.configure(identifier="lifeboat-thaw-watchdog")
+        return getattr(log.get("lifeboat.mobility.thaw_watchdog"), level)
+
+
+logger = _Logger()
 
 FITHAW = 0xC0045878
 THAW_ATTEMPTS = 3
@@ -80,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, required=True, help="seconds until it thaws regardless")
     parser.add_argument("mountpoints", nargs="+")
     args = parser.parse_args(argv)
-    log.configure(identifier="lifeboat-thaw-watchdog")
     deadline = time.monotonic() + args.deadline
     fds = []
     for path in args.mountpoints:
