@@ -125,3 +125,60 @@ def test_a_member_that_never_answers_hold_aborts_the_round_and_everyone_thaws(gr
                 a.terminate()
                 a.wait(60)
     assert len(group.group_points()) == before
+
+
+def test_hostile_connections_are_refused_counted_and_freeze_nobody(group):
+    import asyncio
+    import ssl
+
+    from lifeboat.core import tls
+    from lifeboat.mobility.group_wire import GROUP_HEADER, GROUP_MAGIC, HELLO, MARK, REFUSED, encode, read_frame
+
+    db01 = group.start("db01")  # only db01 runs: nobody coordinates
+    deadline = time.monotonic() + 30
+    while "group listener ready" not in group.lab.log_path.read_text():
+        assert time.monotonic() < deadline and db01.poll() is None
+        time.sleep(0.1)
+    ca = group.lab.init["ca_cert"]
+
+    def ctx(machine: str | None) -> ssl.SSLContext:
+        c = tls.mutual_client_context(*group.certs[machine], ca) if machine else tls.client_context(ca)
+        c.check_hostname = False
+        return c
+
+    async def exchange(machine: str | None, data: bytes) -> int | None:
+        """Send raw bytes; return the frame type the member answers with, or None if it just closes."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", group.ports["db01"], ssl=ctx(machine))
+        try:
+            writer.write(data)
+            await writer.drain()
+            try:
+                kind, _ = await read_frame(reader, 10)
+                return kind
+            except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+                return None
+        finally:
+            writer.close()
+
+    async def run_all() -> dict:
+        return {
+            "no certificate": await exchange(None, encode(HELLO, group="shop", member="app01")),
+            "not the coordinator": await exchange("web01", encode(HELLO, group="shop", member="web01")),
+            "another group": await exchange("app01", encode(HELLO, group="other", member="app01")),
+            "garbage": await exchange("app01", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            "huge length": await exchange("app01", GROUP_HEADER.pack(GROUP_MAGIC, 1, HELLO, 0, 2**31)),
+            "MARK first": await exchange("app01", encode(HELLO, group="shop", member="app01")
+                                         + encode(MARK, tag="t1")),
+        }
+
+    answers = asyncio.run(run_all())
+    assert answers == {"no certificate": None, "not the coordinator": REFUSED, "another group": REFUSED,
+                       "garbage": None, "huge length": None, "MARK first": None}, answers
+    metrics = group.metrics("db01")
+    for reason in ("unauthenticated", "not_coordinator", "wrong_group", "malformed", "protocol"):
+        assert re.search(rf'^lifeboat_group_rejected_total{{reason="{reason}"}} [1-9]', metrics, re.M), reason
+    assert db01.poll() is None  # still serving
+    log = group.lab.log_path.read_text()
+    assert "group hold received" not in log and "filesystems thawed" not in log  # nobody was frozen
+    db01.terminate()
+    assert db01.wait(60) == 0

@@ -14,6 +14,11 @@ from ..core import logging as log
 from ..core import sd_notify
 from ..core.errors import LifeboatError
 from ..core.runtime import run, start_metrics_server
+from ..core.watchdog import ping_while_progressing
+
+# Shutdown stages; SHUTDOWN_BUDGET_SECONDS must stay below TimeoutStopSec= of its unit (tested).
+STOP_LISTENER_SECONDS = 5
+SHUTDOWN_BUDGET_SECONDS = STOP_LISTENER_SECONDS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,11 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     async def daemon(stop: asyncio.Event) -> int:
         runner, port = await start_metrics_server(registry, cfg.metrics.host, cfg.metrics.port,
                                                   lambda: (True, {"role": "master-target", "apply": "not implemented"}))
-        log.get("lifeboat.master_target").info("master target ready (health and metrics only)", metrics_port=port)
+        logger = log.get("lifeboat.master_target")
+        logger.info("master target ready (health and metrics only)", metrics_port=port)
         sd_notify.notify("READY=1")
+        # No pipeline yet: progress is the event loop turning, which the ping task itself proves.
+        pinger = asyncio.create_task(ping_while_progressing(lambda: (True, "")), name="watchdog")
         await stop.wait()
         sd_notify.notify("STOPPING=1")
-        await runner.cleanup()
+        pinger.cancel()
+        try:
+            await asyncio.wait_for(runner.cleanup(), STOP_LISTENER_SECONDS)
+        except asyncio.TimeoutError:
+            logger.warning("listener did not close in time", seconds=STOP_LISTENER_SECONDS)
         return 0
 
     return run(daemon)

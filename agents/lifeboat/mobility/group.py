@@ -130,6 +130,8 @@ class GroupMember:
         peer = writer.get_extra_info("peername")
         try:
             cn = tls.peer_common_name(writer.get_extra_info("ssl_object"))
+            if cn is None:
+                return self._reject("unauthenticated", "no client certificate", peer)
             try:
                 kind, hello = await read_frame(reader, HELLO_TIMEOUT_SECONDS)
             except asyncio.TimeoutError:

@@ -12,7 +12,8 @@ from ..core import logging as log
 from ..core import sd_notify
 from ..core.errors import LifeboatError
 from ..core.runtime import run
-from .server import ProcessServer
+from ..core.watchdog import ping_while_progressing
+from .server import SHUTDOWN_BUDGET_SECONDS, ProcessServer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,11 +41,15 @@ def main(argv: list[str] | None = None) -> int:
             logger.error("cannot start", error=str(exc))
             await server.stop()
             return exc.exit_code
+        # start() recovered the cache and bound both listeners: only now is the service usable.
         sd_notify.notify("READY=1")
+        pinger = asyncio.create_task(ping_while_progressing(server.progress), name="watchdog")
         await stop.wait()
-        sd_notify.notify("STOPPING=1")
-        logger.info("stopping")
+        sd_notify.notify("STOPPING=1")  # also sent by the signal handler; this covers other stops
+        logger.info("stopping", budget_seconds=SHUTDOWN_BUDGET_SECONDS)
+        pinger.cancel()
         await server.stop()
+        logger.info("stopped")
         return 0
 
     return run(daemon)

@@ -13,6 +13,7 @@ from ..core import tls
 from ..core.config import ProcessServerConfig, resolve_credential
 from ..core.errors import ConfigError
 from ..core.runtime import start_metrics_server
+from ..core.watchdog import StallDetector
 from ..repository.open import open_repository
 from ..repository.repo import Repository
 from .cache import DiskCache
@@ -22,9 +23,19 @@ from .uploader import DiskUploader
 
 logger = log.get("lifeboat.process_server")
 
-# Shutdown stages; their sum must stay below TimeoutStopSec= of lifeboat-process-server.service.
-STOP_LISTENER_SECONDS = 5
-STOP_UPLOAD_DRAIN_SECONDS = 20
+# Shutdown stages, in order. Their sum (SHUTDOWN_BUDGET_SECONDS) must stay below TimeoutStopSec=
+# of systemd/lifeboat-process-server.service; tests/unit/ops checks it against the unit file.
+STOP_LISTENER_SECONDS = 5          # per listener (ingest, metrics): in-flight requests finish
+STOP_UPLOAD_DRAIN_SECONDS = 20     # segment uploads in progress finish (cached batches persist anyway)
+STOP_CANCEL_SECONDS = 5            # cancelled uploaders unwind
+STOP_REPOSITORY_CLOSE_SECONDS = 5  # the backend's connections close
+LISTENERS = 2
+SHUTDOWN_BUDGET_SECONDS = (LISTENERS * STOP_LISTENER_SECONDS + STOP_UPLOAD_DRAIN_SECONDS + STOP_CANCEL_SECONDS
+                           + STOP_REPOSITORY_CLOSE_SECONDS)
+# Watchdog progress: a disk with cached batches must see its oldest batch uploaded, or an upload
+# attempt end (a failure is retried with backoff, which is progress of a kind a restart cannot
+# speed up), within this long. Longer than any sane single-segment upload (64 MiB at 1 MiB/s).
+UPLOAD_STALL_SECONDS = 300.0
 
 
 class ProcessServer:
@@ -38,6 +49,7 @@ class ProcessServer:
         self._runners: list[web.AppRunner] = []
         self.ingest_port = 0
         self.metrics_port = 0
+        self._stalls: dict[str, StallDetector] = {}
 
     def _token(self) -> str:
         path = resolve_credential(self.config.ingest.agent_token_file)
@@ -80,6 +92,20 @@ class ProcessServer:
         failing = {d: u.failing for d, u in self.uploaders.items() if u.failing}
         return not failing, {"cache_free_ratio": round(self.cache.free_ratio, 4), "failing_uploads": failing}
 
+    def progress(self) -> tuple[bool, str]:
+        """Watchdog probe: (True, "") unless some disk's uploads stopped moving; see UPLOAD_STALL_SECONDS."""
+        attempts_failed = sum(s.value for m in self.metrics.upload_errors.collect() for s in m.samples
+                              if s.name.endswith("_total"))
+        for disk, up in self.uploaders.items():
+            pending = self.cache.pending(disk)
+            if pending and (up.task is None or up.task.done()):
+                return False, f"the uploader of {disk} has ended with {len(pending)} batches cached"
+            stall = self._stalls.setdefault(disk, StallDetector(UPLOAD_STALL_SECONDS))
+            stuck = stall.check(bool(pending), (pending[0] if pending else None, attempts_failed))
+            if stuck is not None:
+                return False, f"batch {disk}/{pending[0]} neither uploaded nor failed for {stuck:.0f} s"
+        return True, ""
+
     def _uploader(self, disk: str) -> DiskUploader:
         up = self.uploaders.get(disk)
         if up is None:
@@ -117,10 +143,17 @@ class ProcessServer:
         deadline = asyncio.get_running_loop().time() + STOP_UPLOAD_DRAIN_SECONDS
         while any(u.busy for u in self.uploaders.values()) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
-        for up in self.uploaders.values():
-            if up.task:
-                up.task.cancel()
-        await asyncio.gather(*(u.task for u in self.uploaders.values() if u.task), return_exceptions=True)
+        tasks = [u.task for u in self.uploaders.values() if u.task]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=STOP_CANCEL_SECONDS)
+            if late:
+                logger.warning("uploaders did not unwind in time", disks=len(late), seconds=STOP_CANCEL_SECONDS)
         if self.repo:
-            await self.repo.backend.close()
+            try:
+                await asyncio.wait_for(self.repo.backend.close(), STOP_REPOSITORY_CLOSE_SECONDS)
+            except asyncio.TimeoutError:
+                logger.warning("repository did not close in time", seconds=STOP_REPOSITORY_CLOSE_SECONDS)
+        # Queued encode work is dropped; a running slice (FRAMES_PER_TASK frames) takes milliseconds.
         self.pool.shutdown(wait=True, cancel_futures=True)
