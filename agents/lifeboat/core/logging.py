@@ -26,6 +26,20 @@ class _PrefixRenderer:
         return f"<{prio}>{self.inner(logger, method, event_dict)}"
 
 
+class _CurrentStderr:
+    """Whatever sys.stderr is when a line is written, not when logging was configured (a test
+    harness or a daemonising parent may replace it later)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+_STDERR = _CurrentStderr()
+
+
 def configure(level: str = "info", fmt: str = "auto", identifier: str = "lifeboat") -> None:
     tty = sys.stderr.isatty()
     if fmt == "auto":
@@ -46,7 +60,7 @@ def configure(level: str = "info", fmt: str = "auto", identifier: str = "lifeboa
     structlog.configure(
         processors=[*processors, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_STDERR),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.bind_contextvars(SYSLOG_IDENTIFIER=identifier)
