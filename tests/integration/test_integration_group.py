@@ -6,23 +6,20 @@ recovered image equals that member's clone taken at that tag.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import time
 
 import pytest
+from needs_root import require_root
 from grouplab import MEMBERS, three_member_group
 from lab import sha256_file
 
 
 @pytest.fixture
 def group(lab, tmp_path):
-    if os.geteuid() != 0:
-        if os.environ.get("LIFEBOAT_REQUIRE_ROOT_TESTS") == "1":
-            pytest.fail("these tests need root (loop devices, mount, tracefs)", pytrace=False)
-        pytest.skip("needs root: loop devices, mount, tracefs")
+    require_root()
     with three_member_group(lab, tmp_path) as g:
         yield g
 

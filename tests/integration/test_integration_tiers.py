@@ -9,11 +9,11 @@ oracle: ext4 rewrites its superblock on thaw, before any script could hash the d
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
+from needs_root import require_root
 from blockdev import tracked_ext4
 from lab import DEMO_DIR, sha256_file
 
@@ -21,10 +21,7 @@ from test_integration_tracking import agent_extra, assert_points_equal_oracles, 
 
 
 def _disk(tmp_path, filesystem: bool):
-    if os.geteuid() != 0:
-        if os.environ.get("LIFEBOAT_REQUIRE_ROOT_TESTS") == "1":
-            pytest.fail("these tests need root (loop devices, mount, tracefs)", pytrace=False)
-        pytest.skip("needs root: loop devices, mount, tracefs")
+    require_root()
     return tracked_ext4(tmp_path, 64, xfs_mib=1024, filesystem=filesystem)
 
 
@@ -100,35 +97,33 @@ def test_a_tiny_spill_cap_drops_to_extents_and_reads_live_while_writers_are_held
     assert any("new='EXTENTS'" in e and "spill_full" in e for e in events), events
 
 
-def test_a_tiny_extent_budget_falls_back_to_a_dirty_bitmap(lab, disk, tmp_path):
+def run_busy(lab, disk, seed: int, **tracking) -> list[dict]:
+    """Four cycles of the tracked ext4 under a random writer; returns the points."""
     from blockdev import start_writer, stop
     lab.start_ps()
-    writer = start_writer(disk.mountpoint / "data.bin", 24 << 20, 4e6, seed=7)
+    writer = start_writer(disk.mountpoint / "data.bin", 24 << 20, 4e6, seed=seed)
     try:
-        extra = agent_extra(disk, tracking={"extent_budget": 2, "bitmap_budget_bytes": 64})
-        assert lab.run_agent("db01", {"sda": disk.device}, cycles=4, extra=extra) == 0
+        assert lab.run_agent("db01", {"sda": disk.device}, cycles=4, extra=agent_extra(disk, tracking=tracking)) == 0
     finally:
         stop(writer)
+    return lab.wait_points(4)
+
+
+def test_a_tiny_extent_budget_falls_back_to_a_dirty_bitmap(lab, disk, tmp_path):
+    points = run_busy(lab, disk, 7, extent_budget=2, bitmap_budget_bytes=64)
     events = hrl_tier_events(lab)
     assert any("new='BITMAP'" in e and "extent_budget" in e for e in events), events
-    assert_points_equal_oracles(lab, disk, lab.wait_points(4), tmp_path)
+    assert_points_equal_oracles(lab, disk, points, tmp_path)
 
 
 def test_no_bitmap_budget_means_resync_and_the_next_points_are_still_exact(lab, disk, tmp_path):
-    from blockdev import start_writer, stop
-    lab.start_ps()
-    writer = start_writer(disk.mountpoint / "data.bin", 24 << 20, 4e6, seed=8)
-    try:
-        extra = agent_extra(disk, tracking={"extent_budget": 2, "bitmap_budget_bytes": 0})
-        assert lab.run_agent("db01", {"sda": disk.device}, cycles=4, extra=extra) == 0
-    finally:
-        stop(writer)
+    points = run_busy(lab, disk, 8, extent_budget=2, bitmap_budget_bytes=0)
     events = hrl_tier_events(lab)
     assert any("new='RESYNC'" in e and "bitmap_budget" in e for e in events), events
     # Each resync reads the whole disk again.
     reads = [int(field(line, "read_bytes")) for line in cycle_lines(lab)]
     assert reads.count(64 << 20) >= 2, reads
-    assert_points_equal_oracles(lab, disk, lab.wait_points(4), tmp_path)
+    assert_points_equal_oracles(lab, disk, points, tmp_path)
 
 
 def test_tier_and_its_reason_are_visible_in_status_and_metrics(lab, disk, tmp_path):

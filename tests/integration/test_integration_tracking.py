@@ -14,7 +14,8 @@ import subprocess
 import time
 
 import pytest
-from blockdev import NeedsRoot, start_writer, stop, tracked_ext4
+from needs_root import require_root
+from blockdev import start_writer, stop, tracked_ext4
 from lab import sha256_file
 
 DISK_MIB = 128
@@ -22,10 +23,7 @@ DISK_MIB = 128
 
 @pytest.fixture
 def disk(tmp_path):
-    if os.geteuid() != 0:
-        if os.environ.get("LIFEBOAT_REQUIRE_ROOT_TESTS") == "1":
-            pytest.fail("these tests need root (loop devices, mount, tracefs)", pytrace=False)
-        pytest.skip("needs root: loop devices, mount, tracefs")
+    require_root()
     with tracked_ext4(tmp_path, DISK_MIB) as d:
         yield d
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-import types
 import typing
 from dataclasses import MISSING, dataclass, field
 

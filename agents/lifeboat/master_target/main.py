@@ -6,8 +6,6 @@ import argparse
 import asyncio
 import sys
 
-from prometheus_client import CollectorRegistry, Gauge
-
 from .. import __version__
 from ..core import config as cfgmod
 from ..core import logging as log
@@ -15,6 +13,7 @@ from ..core import sd_notify
 from ..core.errors import LifeboatError
 from ..core.runtime import run, start_metrics_server
 from ..core.watchdog import ping_while_progressing
+from .metrics import MasterTargetMetrics
 
 # Shutdown stages; SHUTDOWN_BUDGET_SECONDS must stay below TimeoutStopSec= of its unit (tested).
 STOP_LISTENER_SECONDS = 5
@@ -36,8 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: OK")
         return 0
     log.configure(cfg.log.level, cfg.log.format, "lifeboat-master-target")
-    registry = CollectorRegistry()
-    Gauge("lifeboat_mt_up", "1 while the master target runs", registry=registry).set(1)
+    registry = MasterTargetMetrics().registry
 
     async def daemon(stop: asyncio.Event) -> int:
         runner, port = await start_metrics_server(registry, cfg.metrics.host, cfg.metrics.port,

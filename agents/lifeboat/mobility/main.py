@@ -12,7 +12,63 @@ from ..core import logging as log
 from ..core import sd_notify
 from ..core.errors import LifeboatError
 from ..core.runtime import run, start_metrics_server
+from ..core.watchdog import StallDetector, ping_while_progressing
 from .agent import Agent
+
+
+# Shutdown stages, in order. SHUTDOWN_BUDGET_SECONDS must stay below TimeoutStopSec= of
+# systemd/lifeboat-mobility.service (tests/unit/ops checks it against the unit file).
+STOP_CYCLE_SECONDS = 90      # the cycle in flight may finish: its point is worth keeping
+STOP_CANCEL_SECONDS = 70     # a cancelled cycle unwinds: it still runs the post script (60 s default)
+STOP_CLOSE_SECONDS = 20      # tracker hand-over and change logs closed clean (fsync)
+STOP_LISTENER_SECONDS = 5    # the metrics listener
+SHUTDOWN_BUDGET_SECONDS = STOP_CYCLE_SECONDS + STOP_CANCEL_SECONDS + STOP_CLOSE_SECONDS + STOP_LISTENER_SECONDS
+# Watchdog progress: a cycle in flight must read, send, or end within this long. A process server
+# that stays unreachable longer also stops the pings; the unit's WatchdogSignal=SIGTERM then makes
+# that a graceful restart, which keeps change tracking (no resync).
+CYCLE_STALL_SECONDS = 3600.0
+
+
+class AgentProgress:
+    """Watchdog probe: idle between cycles is progress; a cycle in flight progresses while it
+    reads blocks, gets batches acknowledged or ends (ok or failed)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.stall = StallDetector(CYCLE_STALL_SECONDS)
+
+    def _fingerprint(self) -> tuple:
+        m = self.agent.metrics
+        moved = sum(s.value for c in (m.cycles, m.read_bytes) for f in c.collect() for s in f.samples
+                    if s.name.endswith("_total"))
+        sent = self.agent.sender.sent_bytes if self.agent.sender else 0
+        return self.agent.cycle, moved, sent
+
+    def probe(self) -> tuple[bool, str]:
+        stuck = self.stall.check(self.agent.cycle_lock.locked(), self._fingerprint())
+        if stuck is None:
+            return True, ""
+        return False, f"cycle {self.agent.cycle} read, sent and ended nothing for {stuck:.0f} s"
+
+
+async def _run_until_stopped(agent: Agent, stop: asyncio.Event, cycles: int | None, logger) -> None:
+    """agent.run(), bounded on stop: the cycle in flight gets STOP_CYCLE_SECONDS, then is cancelled."""
+    work = asyncio.create_task(agent.run(stop, cycles), name="cycles")
+    stopped = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            logger.info("stopping", budget_seconds=SHUTDOWN_BUDGET_SECONDS)
+            await asyncio.wait({work}, timeout=STOP_CYCLE_SECONDS)
+        if not work.done():
+            # A cancelled cycle counts as failed; its blocks stay owed in the change log.
+            logger.warning("cycle did not finish in time, cancelling it", seconds=STOP_CYCLE_SECONDS)
+            work.cancel()
+            await asyncio.wait({work}, timeout=STOP_CANCEL_SECONDS)
+    finally:
+        stopped.cancel()
+    if work.done() and not work.cancelled():
+        work.result()  # a LifeboatError ends the daemon with its exit code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,18 +97,29 @@ def main(argv: list[str] | None = None) -> int:
             runner, port = await start_metrics_server(
                 agent.metrics.registry, cfg.metrics.host, cfg.metrics.port,
                 lambda: (True, agent.status()))
+            # start() reconciled every disk with the process server and reopened the change logs.
             sd_notify.notify("READY=1")
             logger.info("agent ready", MACHINE=cfg.machine, disks=len(agent.disks), metrics_port=port)
-            await agent.run(stop, args.cycles)
+            pinger = asyncio.create_task(ping_while_progressing(AgentProgress(agent).probe), name="watchdog")
+            try:
+                await _run_until_stopped(agent, stop, args.cycles, logger)
+            finally:
+                pinger.cancel()
             return 0
         except LifeboatError as exc:
             logger.error("agent stopped on error", error=str(exc))
             return exc.exit_code
         finally:
             sd_notify.notify("STOPPING=1")
-            await agent.close()
+            try:
+                await asyncio.wait_for(agent.close(), STOP_CLOSE_SECONDS)
+            except asyncio.TimeoutError:
+                logger.warning("agent close did not finish in time", seconds=STOP_CLOSE_SECONDS)
             if runner:
-                await runner.cleanup()
+                try:
+                    await asyncio.wait_for(runner.cleanup(), STOP_LISTENER_SECONDS)
+                except asyncio.TimeoutError:
+                    logger.warning("metrics listener did not close in time", seconds=STOP_LISTENER_SECONDS)
 
     return run(daemon)
 
