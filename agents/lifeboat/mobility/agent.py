@@ -17,7 +17,7 @@ from ..core.errors import ConfigError, LifeboatError
 from .capture import Capturer, is_block_device
 from .change_log import ChangeLog, Tier, reason_code
 from .digest_map import DigestMap
-from .digest_tracker import PendingBatch, ScanAborted, device_size, scan_disk
+from .digest_tracker import PendingBatch, ScanAborted, device_size, scan_disk, whole_disk
 from .group import GroupCoordinator, GroupMember, GroupMetrics, Hold, coordinator_of
 from .kept_data import KeptDataSnapshot
 from .metrics import RESYNC_REASONS, TIER_REASONS, MobilityMetrics
@@ -246,7 +246,7 @@ class Agent:
         self._group_fields = {} if not group_hold else {
             "group": group_hold.group, "group_tag": group_hold.tag, "group_members": group_hold.members}
         self._post_done = not app_due
-        pre_ok = app_due
+        pre_ok = False  # only a pre script that ran and succeeded makes a point app-consistent
         if app_due and q.pre_script:
             pre_ok, why = await run_script(q.pre_script, "pre", q.script_timeout_seconds, env)
             if not pre_ok:
@@ -265,6 +265,7 @@ class Agent:
                     # The point is still good; whether the group point is complete is decided by
                     # which members recorded the tag.
                     logger.warning("could not answer MARKED to the coordinator", TAG=group_hold.tag, error=str(exc))
+            created = capture.frozen_at or created  # the point's instant: the freeze (or the snapshot)
             self._note_capture(capture, point_id)
             # With a live read ("none" provider) the writers must stay held until the reads are done.
             live = any(d.snapshot.provider == "none" or getattr(d.snapshot, "live_ranges", None)
@@ -349,8 +350,10 @@ class Agent:
                     d.snapshot.drop()
                     kept = cl.pending(self.cycle)
                     self._kept_bytes += kept.data_bytes
+                    # A resync reads every block: all but the kept ones come from the live disk.
+                    live = whole_disk(state.dmap) if kept.resync else kept.read_ranges
                     d.snapshot = KeptDataSnapshot(state.disk_id, point_id, state.path, state.dmap.block_size,
-                                                  kept.data, kept.read_ranges)
+                                                  kept.data, live)
                     d.consistent = d.consistent and d.snapshot.consistent
                 pending = cl.pending(self.cycle)
                 d.ranges = None if pending.resync else pending.ranges
