@@ -83,6 +83,7 @@ class Lab:
         self.log = open(self.log_path, "ab")
         self.ps_proc: subprocess.Popen | None = None
         self.agents: list[subprocess.Popen] = []
+        self.machines: set[str] = set()
         self.ps_port = free_port()
         self.ps_metrics_port = free_port()
         etc = self.work / "etc"
@@ -169,6 +170,7 @@ class Lab:
     def start_agent(self, machine: str, disks: dict[str, str], cycles: int | None = None,
                     extra: dict | None = None, env: dict | None = None) -> subprocess.Popen:
         conf = self.agent_config(machine, disks, extra)
+        self.machines.add(machine)
         cmd = [bin_path("lifeboat-mobility"), "-c", str(conf)]
         if cycles is not None:
             cmd += ["--cycles", str(cycles)]
@@ -221,6 +223,11 @@ class Lab:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(DAEMON_STOP_TIMEOUT_SECONDS)
+        if self.machines and os.geteuid() == 0:
+            # A stopped agent leaves its tracefs instance recording for the next start: not here.
+            from lifeboat.mobility.tracepoint import instance_name, remove_instance
+            for machine in self.machines:
+                remove_instance(instance_name(machine, str(self.work / f"agent-{machine}")))
         try:
             self.stop_ps()
         finally:

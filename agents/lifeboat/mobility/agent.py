@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import threading
 import time
@@ -24,12 +25,13 @@ from .metrics import RESYNC_REASONS, TIER_REASONS, MobilityMetrics
 from .quiescer import run_script
 from .sender import BatchSender
 from .snapshot import FreezeCopySnapshot
-from .tracepoint import TracefsUnavailable, TracepointTracker
+from .tracepoint import TracefsUnavailable, TracepointTracker, instance_name
 
 logger = log.get("lifeboat.mobility")
 # Batches read ahead of the sender per disk. Peak memory per disk is about (QUEUE_BATCHES + 2) ×
 # batch_bytes of payload plus the copy made by to_bytes(): measured ~7 × batch_bytes (bench/README.md).
 QUEUE_BATCHES = 2
+TRACKER_HANDOVER_FILE = "tracepoint-handover.json"
 
 
 @dataclass
@@ -129,6 +131,16 @@ class Agent:
         elif cl.tier != Tier.RESYNC:
             logger.info("change tracking continues from the previous run", DISK=state.disk_id, tier=cl.tier.name)
 
+    def _save_handover(self, tracker: TracepointTracker) -> None:
+        """For the next agent process: the tracefs instance stays, with these lost-event counters."""
+        path = os.path.join(self.config.state_dir, TRACKER_HANDOVER_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"instance": tracker.instance_name, "counters": tracker.handover()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
     def _tier_changed(self, disk_id: str, old: Tier, new: Tier, reason: str) -> None:
         code = reason_code(reason) or "other"
         self.metrics.tier_changes.labels(new.name.lower(), code if code in TIER_REASONS else "other").inc()
@@ -158,10 +170,24 @@ class Agent:
             logger.info("digest tracker for disks that are not block devices", disks=files)
         if not devices:
             return None
-        tracker = TracepointTracker(devices, self.config.replication.block_size, f"lifeboat-{self.config.machine}",
+        tracker = TracepointTracker(devices, self.config.replication.block_size,
+                                    instance_name(self.config.machine, self.config.state_dir),
                                     buffer_kb=t.trace_buffer_kb, drain_interval=t.drain_interval_seconds)
+        handover_path = os.path.join(self.config.state_dir, TRACKER_HANDOVER_FILE)
+        handover = None
         try:
-            tracker.start()
+            with open(handover_path) as f:
+                saved = json.load(f)
+            if saved.get("instance") == tracker.instance_name and isinstance(saved.get("counters"), dict):
+                handover = {str(k): int(v) for k, v in saved["counters"].items()}
+        except (OSError, ValueError, TypeError, AttributeError):
+            pass  # none or unreadable: a re-used ring is then compared with 0 (safe: a resync at worst)
+        try:
+            os.unlink(handover_path)  # good for one start only
+        except FileNotFoundError:
+            pass
+        try:
+            tracker.start(handover)
         except TracefsUnavailable as exc:
             self.metrics.tracker_unavailable.inc()
             logger.error("tracepoint tracker unavailable: falling back to the digest tracker", reason=str(exc))
@@ -213,6 +239,7 @@ class Agent:
                         cl.require_resync(ep.lost, through_epoch=self.cycle + 1)
                     elif ep.ranges:
                         cl.add_extents(self.cycle + 1, ep.ranges)
+                self._save_handover(self.tracker)
             finally:
                 self.tracker.close(remove=False)
         for state in self.disks:

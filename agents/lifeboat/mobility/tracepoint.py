@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ctypes
 import os
 import re
@@ -72,6 +73,27 @@ def parse_line(line: str) -> BioEvent | RingLost:
     if m := _LOST_RE.search(line):
         return RingLost(int(m[1]), int(m[2]))
     raise ValueError(line)
+
+
+def instance_name(machine: str, state_dir: str) -> str:
+    """The agent's tracefs instance: stable across restarts of one agent (same state directory),
+    distinct for two agents on one host (tests, or an agent per container)."""
+    digest = hashlib.sha256(os.path.abspath(state_dir).encode()).hexdigest()[:8]
+    return f"lifeboat-{machine}-{digest}"
+
+
+def remove_instance(name: str) -> bool:
+    """Remove an instance a stopped agent left recording (uninstall, tests); False if there was none."""
+    try:
+        path = os.path.join(find_tracefs(), "instances", name)
+    except TracefsUnavailable:
+        return False
+    if not os.path.isdir(path):
+        return False
+    with contextlib.suppress(OSError):
+        _write(os.path.join(path, EVENT, "enable"), "0")
+    os.rmdir(path)
+    return True
 
 
 def find_tracefs() -> str:
@@ -256,7 +278,9 @@ class TracepointTracker:
 
     # -- set-up and tear-down ------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, handover: dict[str, int] | None = None) -> None:
+        """handover: the previous agent's handover() for a re-used instance; without it the lost-event
+        counters of a re-used ring are compared with 0 (any overrun in its history loses the first epoch)."""
         tracefs = find_tracefs()
         self.instance = os.path.join(tracefs, "instances", self.instance_name)
         reused = self.reused = os.path.isdir(self.instance)
@@ -266,13 +290,13 @@ class TracepointTracker:
             # Opened before any reconfiguration, so that a re-used ring is drained first.
             self._fd = os.open(os.path.join(self.instance, "trace_pipe"), os.O_RDONLY | os.O_NONBLOCK)
             with self._lock:
+                # A fresh ring starts from its current counters; a re-used one from where the
+                # previous agent left it (or 0), so an overrun while no agent ran loses the first epoch.
+                baseline = dict(handover or {}) if reused else self._counters()
+                self._cur.baseline = self._window.baseline = baseline
                 if reused:
                     self._check_reused()
                     self._drain_locked()
-                # A fresh ring starts from its current counters; a re-used one from 0, so an
-                # overrun while no agent ran loses the first epoch.
-                baseline = {} if reused else self._counters()
-                self._cur.baseline = self._window.baseline = baseline
                 self._configure(reused)
         except OSError as exc:
             with contextlib.suppress(OSError):  # the set-up error is the one worth reporting
@@ -313,6 +337,12 @@ class TracepointTracker:
             _write(os.path.join(ev, "filter"), devs)  # older filter syntax; reads dropped on parse
         _write(os.path.join(ev, "enable"), "1")
         _write(os.path.join(self.instance, "tracing_on"), "1")
+
+    def handover(self) -> dict[str, int]:
+        """The lost-event counters the current epoch is measured from: pass them to the next
+        agent's start() after close(remove=False), so only overruns after this point count."""
+        with self._lock:
+            return dict(self._cur.baseline)
 
     def close(self, remove: bool = True) -> None:
         self._stop.set()
