@@ -15,8 +15,9 @@ def notify(state: str) -> bool:
         addr = "\0" + addr[1:]  # abstract namespace socket
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
         try:
-            s.connect(addr)
-            s.sendall(state.encode())
+            # MSG_DONTWAIT: called from the event loop; a receiver that does not read (a full
+            # queue) must cost a lost message, never a blocked daemon.
+            s.sendto(state.encode(), socket.MSG_DONTWAIT, addr)
         except OSError:
             return False
     return True

@@ -50,7 +50,13 @@ async def ping_while_progressing(probe: Probe) -> None:
         return
     withheld = False
     while True:
-        ok, why = probe()
+        try:
+            ok, why = probe()
+        except Exception:  # noqa: BLE001 - a bug in a probe is not a stalled pipeline
+            # Keep pinging on the loop's liveness alone: restarting the daemon over a probe bug
+            # would turn it into an outage. Logged every time, so it cannot go unnoticed.
+            logger.exception("watchdog probe failed; pinging on event-loop liveness only")
+            ok, why = True, ""
         if ok:
             sd_notify.notify("WATCHDOG=1")
             if withheld:

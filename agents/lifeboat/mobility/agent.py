@@ -283,8 +283,15 @@ class Agent:
         try:
             created = time.time()
             wanted = {s.disk_id: self._owed(s) for s in self.disks}
-            capture = await loop.run_in_executor(None, self.capturer.capture, point_id, wanted,
-                                                 group_hold.wait_for_mark if group_hold else None)
+            pending_capture = loop.run_in_executor(None, self.capturer.capture, point_id, wanted,
+                                                   group_hold.wait_for_mark if group_hold else None)
+            try:
+                capture = await asyncio.shield(pending_capture)
+            except asyncio.CancelledError:
+                # Stopping mid-capture: the thread still finishes (and thaws); drop what it made.
+                pending_capture.add_done_callback(
+                    lambda f: f.cancelled() or f.exception() is not None or f.result().drop())
+                raise
             if group_hold:
                 try:
                     await group_hold.marked(point_id, capture.frozen_at, capture.thawed_at)
