@@ -134,6 +134,7 @@ class Capturer:
         Nothing is logged while frozen (the log could live on a frozen filesystem): messages wait."""
         block_size = self.config.replication.block_size
         done: dict[str, DiskCapture] = {}
+        early: dict[str, Snapshot | None] = {}
         self._deferred: list[tuple[str, str, dict]] = []
         frozen = Frozen(mounts, self.config.consistency.freeze_timeout_seconds) if mounts else None
         tracked = [self.devices[d] for d in (self.tracker.disks if self.tracker else ())]
@@ -151,7 +152,8 @@ class Capturer:
                         write_back(path)
                     self.tracker.drain()
                 t2 = time.monotonic()
-                early = {d: self._create(d, tag, None, block_size, ("reflink", "lvm")) for d in self.devices}
+                for d in self.devices:
+                    early[d] = self._create(d, tag, None, block_size, ("reflink", "lvm"))
                 t3 = time.monotonic()
                 epochs = self.tracker.rotate(overlap=True) if self.tracker else {}
                 t4 = time.monotonic()
@@ -175,8 +177,9 @@ class Capturer:
                                        "this point is not consistent", {"thawed_early": frozen.thawed_early,
                                                                         "thaw_errors": frozen.thaw_errors}))
         except BaseException:
-            for d in done.values():
-                d.snapshot.drop()
+            made = [d.snapshot for d in done.values()] + [e for e in early.values() if e]
+            for snap in made:
+                snap.drop()  # idempotent: one may be in both lists
             raise
         finally:
             for level, event, kw in self._deferred:
