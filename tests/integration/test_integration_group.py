@@ -136,7 +136,7 @@ def test_hostile_connections_are_refused_counted_and_freeze_nobody(group):
     from lifeboat.core import tls
     from lifeboat.mobility.group_wire import GROUP_HEADER, GROUP_MAGIC, HELLO, MARK, REFUSED, encode, read_frame
 
-    db01 = group.start("db01")  # only db01 runs: nobody coordinates
+    db01 = group.start("db01", interval_seconds=60)  # only db01 runs: nobody coordinates (no fallback soon)
     deadline = time.monotonic() + 30
     while "group listener ready" not in group.lab.log_path.read_text():
         assert time.monotonic() < deadline and db01.poll() is None
@@ -184,3 +184,27 @@ def test_hostile_connections_are_refused_counted_and_freeze_nobody(group):
     assert "group hold received" not in log and "filesystems thawed" not in log  # nobody was frozen
     db01.terminate()
     assert db01.wait(60) == 0
+
+
+def test_members_fall_back_to_their_own_points_while_the_coordinator_is_down(group, tmp_path):
+    # app01 (the coordinator) never starts. After 2 × interval + deadline (8 s) without a group
+    # point, each member takes per-machine crash-consistent points: its RPO stays bounded.
+    agents = {m: group.start(m) for m in ("db01", "web01")}
+    try:
+        points = group.lab.wait_points(4, timeout=90)
+    finally:
+        for a in agents.values():
+            a.terminate()
+        for a in agents.values():
+            assert a.wait(60) == 0
+    assert "no group round lately: taking a per-machine point" in group.lab.log_path.read_text()
+    assert group.group_points() == []
+    for p in points[:4]:
+        assert p["consistency"] == "crash"
+        out = tmp_path / "alone.img"
+        res = group.lab.failover(p["point_id"], out)  # not a group point: a member alone is fine
+        assert res.returncode == 0, res.stderr
+        clone = group.disks[p["machine"]].snapshot_dir / f"{p['machine']}.sda.{p['point_id']}.snap"
+        assert sha256_file(out) == sha256_file(clone)
+        out.unlink()
+

@@ -509,8 +509,23 @@ class Agent:
         coordinator = None
         if coordinator_of(g) == self.config.machine:
             coordinator = asyncio.create_task(GroupCoordinator(g, self.config.machine, metrics).run(stop))
+        # Without rounds (the coordinator is down or cut off) the machine's RPO must not grow without
+        # bound: after this long without a group point, take per-machine points (not group points).
+        fallback_after = 2 * g.interval_seconds + g.hold_deadline_seconds
+        last_own = float("-inf")
         try:
             while not stop.is_set() and (cycles is None or member.cycles_done < cycles):
+                now = time.monotonic()
+                if (now - member.last_point > fallback_after and not self.cycle_lock.locked()
+                        and now - last_own >= self.config.replication.interval_seconds):
+                    last_own = now
+                    logger.warning("no group round lately: taking a per-machine point", GROUP=g.name,
+                                   seconds_since_group_point=round(now - member.last_point, 1))
+                    try:
+                        await self.run_cycle()
+                    except LifeboatError as exc:
+                        logger.error("cycle failed", error=str(exc))
+                    continue
                 try:
                     await asyncio.wait_for(stop.wait(), 0.2)
                 except asyncio.TimeoutError:

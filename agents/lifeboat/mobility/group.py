@@ -108,6 +108,7 @@ class GroupMember:
         self.members = sorted(m.machine for m in cfg.members)
         self.server: asyncio.AbstractServer | None = None
         self.cycles_done = 0
+        self.last_point = time.monotonic()   # of the last group point (or of the start)
 
     async def start(self) -> int:
         ctx = tls.mutual_server_context(self.cfg.cert, self.cfg.key, self.cfg.ca_cert)
@@ -174,6 +175,7 @@ class GroupMember:
         try:
             await self.agent.run_cycle(group_hold=h)
             self.cycles_done += 1
+            self.last_point = time.monotonic()
         except GroupAborted as exc:
             logger.warning("group round aborted: thawed, no point for this tag", TAG=h.tag, reason=str(exc))
             try:
