@@ -96,8 +96,7 @@ def test_a_member_that_never_answers_hold_aborts_the_round_and_everyone_thaws(gr
         while log.read_text().count("group round marked") <= marked:  # the group recovers by itself
             assert time.monotonic() < deadline + 30
             time.sleep(0.1)
-        recovered = len(group.wait_group_points(2))
-        assert recovered >= 2
+        group.wait_group_points(2)  # raises unless a second group point appears
         # Kill the coordinator mid-HOLD: web01 hangs again, app01 and db01 are frozen waiting for
         # MARK when app01 dies; db01 thaws at once (lost coordinator), app01's own filesystem
         # through its external thaw watchdog (agent gone).

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..core import logging as log
 from ..core.config import MobilityConfig
-from .extents import merge_ranges
+from .change_log import merge_ranges
 from .freeze import FreezeError, Frozen, mounted_filesystems
 from .snapshot import Snapshot, SnapshotError, SnapshotProvider, SnapshotTooLarge, make_provider
 
