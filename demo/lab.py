@@ -76,7 +76,7 @@ class Lab:
     """One work directory holding a repository, a process server and agents, all on 127.0.0.1."""
 
     def __init__(self, work: str | os.PathLike, repo_url: str | None = None,
-                 azure_connection_string: str | None = None) -> None:
+                 azure_connection_string: str | None = None, control: bool = False) -> None:
         self.work = Path(work).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self.log_path = self.work / "daemons.log"
@@ -97,6 +97,9 @@ class Lab:
             self.conn_file.chmod(0o600)
             cmd += ["--azure-connection-string-file", str(self.conn_file)]
         self.init = json.loads(self._run(cmd).stdout)
+        # Configuration-server role in the (primary) process server: its management API port.
+        self.control = control
+        self.api_port = free_port() if control else 0
 
     # --- process server ---------------------------------------------------------------------
 
@@ -112,10 +115,44 @@ class Lab:
             "repository": repo,
             "metrics": {"host": "127.0.0.1", "port": self.ps_metrics_port},
             "log": {"format": "kv"},
+            **({"control": self.control_section()} if self.control else {}),
         }, extra)
         path = self.work / "process-server.toml"
         path.write_text(to_toml(doc))
         return path
+
+    def control_section(self) -> dict:
+        return {"enabled": True, "host": "127.0.0.1", "port": self.api_port, "state_dir": str(self.work / "control"),
+                "registration_passphrase_file": self.init["registration_passphrase"],
+                "operator_credential_file": self.init["operator_credential"], "name": "primary"}
+
+    @property
+    def api_url(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
+    def api_env(self, credential: str | None = None) -> dict:
+        """Environment for control-plane CLI commands (as the operator unless another credential file)."""
+        return {"LIFEBOAT_API": self.api_url, "LIFEBOAT_CA": self.init["ca_cert"],
+                "LIFEBOAT_CREDENTIAL": str(credential or self.init["operator_credential"])}
+
+    def api_cli(self, *args: str, credential: str | None = None, check: bool = False) -> subprocess.CompletedProcess:
+        """`lifeboat <args>` against this lab's management API."""
+        proc = subprocess.run([bin_path("lifeboat"), *args], capture_output=True, text=True,
+                              env={**os.environ, **self.api_env(credential)})
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"lifeboat {' '.join(args)} exited with {proc.returncode}:\n{proc.stderr}")
+        return proc
+
+    def wait_api(self, timeout: float = DAEMON_START_TIMEOUT_SECONDS) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.api_port), timeout=1):
+                    return
+            except OSError:
+                if time.monotonic() > deadline or (self.ps_proc and self.ps_proc.poll() is not None):
+                    raise RuntimeError(f"management API not listening; see {self.log_path}") from None
+                time.sleep(0.05)
 
     def start_ps(self, extra: dict | None = None) -> subprocess.Popen:
         conf = self.ps_config(extra)
@@ -126,7 +163,10 @@ class Lab:
                 raise RuntimeError(f"process server exited with {self.ps_proc.returncode}; see {self.log_path}")
             try:
                 with socket.create_connection(("127.0.0.1", self.ps_port), timeout=1):
-                    return self.ps_proc
+                    pass
+                if self.control:
+                    self.wait_api()
+                return self.ps_proc
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"process server not listening after {DAEMON_START_TIMEOUT_SECONDS} s")

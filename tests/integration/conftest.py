@@ -17,3 +17,11 @@ def lab(tmp_path: Path):
     deployment = Lab(tmp_path / "lab")
     yield deployment
     deployment.close()
+
+
+@pytest.fixture
+def control_lab(tmp_path: Path):
+    """A deployment whose process server runs the configuration-server role (not started yet)."""
+    deployment = Lab(tmp_path / "lab", control=True)
+    yield deployment
+    deployment.close()

@@ -20,7 +20,9 @@ from ..repository.open import backend_from_url
 from ..repository.repo import Repository
 from ..repository.verify import verify_repository
 from ..mobility.group_wire import NAME_RE
-from . import doctor
+from . import control, doctor
+from ..control.auth import new_passphrase, new_token
+from .control import write_secret
 from .points import GroupFailoverRefused, group_points, machine_points, point_group, resolve, resolve_group
 from .repo_args import add_repo_args, open_from_args
 
@@ -55,6 +57,10 @@ async def cmd_init(args) -> int:
     fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_urlsafe(32) + "\n")
+    # Configuration-server bootstrap secrets (the daemon stores their hashes at first start).
+    passphrase_path, operator_path = os.path.join(d, "registration.passphrase"), os.path.join(d, "operator.credential")
+    write_secret(passphrase_path, new_passphrase())
+    write_secret(operator_path, new_token())
     repo_url = args.repo or f"local:{os.path.join(d, 'repository')}"
     if args.passphrase_file:
         with open(args.passphrase_file) as f:
@@ -74,7 +80,8 @@ async def cmd_init(args) -> int:
         await backend.close()
     print(json.dumps({"ca_cert": ca_pem, "server_cert": os.path.join(tls_dir, "server.pem"),
                       "server_key": os.path.join(tls_dir, "server.key"), "agent_token": token_path,
-                      "repository": repo_url, "repository_id": repo.id, "key_file": key_path or None}, indent=2))
+                      "repository": repo_url, "repository_id": repo.id, "key_file": key_path or None,
+                      "registration_passphrase": passphrase_path, "operator_credential": operator_path}, indent=2))
     return 0
 
 
@@ -300,6 +307,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_config_sample)
 
     doctor.add_parser(sub)
+    control.add_parser(sub)
     return ap
 
 

@@ -74,6 +74,31 @@ class UploadConfig:
 
 
 @dataclass(kw_only=True)
+class ControlConfig:
+    enabled: bool = opt(False, "run the configuration-server role (management API, registration, policies, "
+                        "failover jobs) in this process server: the primary")
+    host: str = opt("0.0.0.0", "address of the HTTPS management API listener")
+    port: int = opt(443, "HTTPS management API port (0 = any free port)")
+    tls_cert: str = opt("", "server certificate of the management API (PEM); empty = ingest.tls_cert")
+    tls_key: str = opt("", "its private key; empty = ingest.tls_key")
+    state_dir: str = opt("/var/lib/lifeboat/control", "configuration-server state (SQLite database)")
+    registration_passphrase_file: str = opt("", "the one-time registration passphrase from 'lifeboat init'; its "
+                                            "hash is stored at first start")
+    operator_credential_file: str = opt("", "the operator credential from 'lifeboat init'; its hash is stored at "
+                                        "first start (a revoked one stays revoked)")
+    credential_ttl_seconds: float = opt(0.0, "agent and process-server credentials expire after this long; 0 = never")
+    retention_interval_seconds: float = opt(3600.0, "seconds between retention passes over every protected machine")
+    name: str = opt("primary", "this process server's name (machines are assigned to process servers by name)")
+    public_url: str = opt("", "ingest URL agents reach this process server by; empty = https://<ingest.host>:<port>")
+    primary_url: str = opt("", "scale-out process server: management API URL of the primary "
+                           "(agent credentials are checked there); empty = not a scale-out")
+    ca_cert: str = opt("", "scale-out: CA certificate that signed the primary's API certificate")
+    credential_file: str = opt("", "scale-out: this process server's credential ('lifeboat register --process-server')")
+    auth_cache_seconds: float = opt(10.0, "scale-out: how long an answer of the primary about a credential is reused "
+                                    "(a revocation takes effect within this long)")
+
+
+@dataclass(kw_only=True)
 class ProcessServerConfig:
     ingest: IngestConfig = req("HTTPS data listener", None)
     cache: CacheConfig = req("on-disk batch cache", None)
@@ -81,6 +106,7 @@ class ProcessServerConfig:
     upload: UploadConfig = opt(None, "upload pipeline")
     metrics: MetricsConfig = opt(None, "metrics listener", default_port=9462)
     log: LogConfig = opt(None, "logging")
+    control: ControlConfig = opt(None, "configuration-server role (primary) or the link to it (scale-out)")
 
 
 @dataclass(kw_only=True)
@@ -316,6 +342,17 @@ def _validate_mobility(cfg: MobilityConfig) -> None:
 
 
 def _validate_ps(cfg: ProcessServerConfig) -> None:
+    c = cfg.control
+    if c.enabled and c.primary_url:
+        raise ConfigError("control.primary_url", "a primary (control.enabled = true) has no primary of its own: "
+                          "set one of enabled or primary_url")
+    if c.primary_url and not (c.ca_cert and c.credential_file):
+        raise ConfigError("control.credential_file" if c.ca_cert else "control.ca_cert",
+                          "a scale-out process server needs ca_cert and credential_file to reach the primary")
+    if c.enabled:
+        from ..control.auth import NAME_RE as _NAME_RE
+        if not _NAME_RE.fullmatch(c.name):
+            raise ConfigError("control.name", f"{c.name!r} must match {_NAME_RE.pattern}")
     if not 0 < cfg.cache.high_water_ratio <= 1:
         raise ConfigError("cache.high_water_ratio", f"{cfg.cache.high_water_ratio} is not in (0, 1]")
     if cfg.cache.max_bytes * cfg.cache.high_water_ratio < 2 * cfg.ingest.max_batch_bytes:

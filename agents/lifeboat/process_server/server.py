@@ -29,7 +29,7 @@ STOP_LISTENER_SECONDS = 5          # per listener (ingest, metrics): in-flight r
 STOP_UPLOAD_DRAIN_SECONDS = 20     # segment uploads in progress finish (cached batches persist anyway)
 STOP_CANCEL_SECONDS = 5            # cancelled uploaders unwind
 STOP_REPOSITORY_CLOSE_SECONDS = 5  # the backend's connections close
-LISTENERS = 2
+LISTENERS = 3                      # ingest, metrics, management API (control role)
 SHUTDOWN_BUDGET_SECONDS = (LISTENERS * STOP_LISTENER_SECONDS + STOP_UPLOAD_DRAIN_SECONDS + STOP_CANCEL_SECONDS
                            + STOP_REPOSITORY_CLOSE_SECONDS)
 # Watchdog progress: a disk with cached batches must see its oldest batch uploaded, or an upload
@@ -50,6 +50,7 @@ class ProcessServer:
         self.ingest_port = 0
         self.metrics_port = 0
         self._stalls: dict[str, StallDetector] = {}
+        self.control = None   # ControlRole when [control] enabled = true (the primary)
 
     def _token(self) -> str:
         path = resolve_credential(self.config.ingest.agent_token_file)
@@ -86,6 +87,10 @@ class ProcessServer:
         mrunner, self.metrics_port = await start_metrics_server(
             self.metrics.registry, cfg.metrics.host, cfg.metrics.port, self.health)
         self._runners.append(mrunner)
+        if cfg.control.enabled:
+            from ..control.role import ControlRole  # only the primary pays for the control role's imports
+            self.control = ControlRole(cfg, self.metrics.registry, server=self)
+            await self.control.start(self.ingest_port)
         logger.info("process server ready", ingest_port=self.ingest_port, metrics_port=self.metrics_port)
 
     def health(self) -> tuple[bool, dict]:
@@ -135,6 +140,8 @@ class ProcessServer:
 
     async def stop(self) -> None:
         """Stop accepting, give in-progress uploads time to finish, then cancel (cached batches persist)."""
+        if self.control is not None:
+            await self.control.stop()
         for runner in self._runners:
             try:
                 await asyncio.wait_for(runner.cleanup(), STOP_LISTENER_SECONDS)

@@ -15,6 +15,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
+from lifeboat.control.auth import REFUSAL_REASONS
+from lifeboat.control.metrics import ControlMetrics
 from lifeboat.master_target.metrics import MasterTargetMetrics
 from lifeboat.mobility.change_log import Tier
 from lifeboat.mobility.group import REJECT_REASONS, GroupMetrics
@@ -72,7 +74,7 @@ def daemon_metrics() -> dict[str, dict[str, tuple[str, tuple[str, ...]]]]:
     r1, r2, r3 = CollectorRegistry(), CollectorRegistry(), CollectorRegistry()
     return {
         "lifeboat-mobility": registered(MobilityMetrics(r1), GroupMetrics(r1)),
-        "lifeboat-process-server": registered(ProcessServerMetrics(r2)),
+        "lifeboat-process-server": registered(ProcessServerMetrics(r2), ControlMetrics(r2)),
         "lifeboat-master-target": registered(MasterTargetMetrics(r3)),
     }
 
@@ -108,6 +110,7 @@ def test_catalog_label_values_match_the_code():
     assert values[("tier", "")] == [t.name.lower() for t in Tier]
     assert values[("reason", "rejections")] == list(REJECTION_REASONS)
     assert values[("reason", "group rejected")] == list(REJECT_REASONS)
+    assert values[("reason", "control refusals")] == list(REFUSAL_REASONS)
 
 
 def scrape(port: int) -> str:

@@ -1,0 +1,99 @@
+"""The configuration-server role inside the primary process server: store, bootstrap, HTTPS listener."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from ..core import logging as log
+from ..core import tls
+from ..core.config import ProcessServerConfig, resolve_credential
+from ..core.errors import ConfigError
+from . import auth
+from .api import ControlContext, build_app
+from .metrics import ControlMetrics
+from .store import Store, transaction
+
+logger = log.get("lifeboat.control")
+STOP_LISTENER_SECONDS = 5
+
+
+def _secret(key: str, path: str) -> str:
+    if not path:
+        return ""
+    try:
+        value = auth.read_secret_file(resolve_credential(path))
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror}") from None
+    if len(value) < 16:
+        raise ConfigError(key, f"{path} holds fewer than 16 characters: use the file 'lifeboat init' wrote")
+    return value
+
+
+class ControlRole:
+    """Start: open + migrate the database, store the bootstrap secrets' hashes, listen. Stop: the reverse."""
+
+    def __init__(self, config: ProcessServerConfig, registry: CollectorRegistry | None = None,
+                 customize: Callable[[web.Application, ControlContext], None] | None = None,
+                 server=None) -> None:
+        self.config = config
+        self.metrics = ControlMetrics(registry)
+        self.store = Store(config.control.state_dir)
+        self.ctx = ControlContext(self.store, self.metrics,
+                                  credential_ttl_seconds=config.control.credential_ttl_seconds or None,
+                                  server_name=config.control.name)
+        self.customize = customize
+        self.server = server          # the ProcessServer this role runs in (its repository, its cache)
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    def public_url(self, ingest_port: int) -> str:
+        c = self.config
+        host = c.ingest.host if c.ingest.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        return c.control.public_url or f"https://{host}:{ingest_port}"
+
+    async def start(self, ingest_port: int) -> None:
+        cc = self.config.control
+        passphrase = _secret("control.registration_passphrase_file", cc.registration_passphrase_file)
+        operator = _secret("control.operator_credential_file", cc.operator_credential_file)
+        await self.store.open()
+        self.metrics.schema_version.set(self.store.schema_version)
+        url = self.public_url(ingest_port)
+
+        def bootstrap(conn) -> tuple[bool, bool]:
+            new_pass = bool(passphrase) and auth.install_passphrase(conn, passphrase)
+            new_op = bool(operator) and auth.install_token(conn, operator, "operator", "admin")
+            with transaction(conn):
+                conn.execute("INSERT INTO process_servers (name, url, is_primary, registered) VALUES (?, ?, 1, ?) "
+                             "ON CONFLICT(name) DO UPDATE SET url = excluded.url, is_primary = 1",
+                             (cc.name, url, time.time()))
+            return new_pass, new_op
+
+        new_pass, new_op = await self.store.call(bootstrap)
+        if new_pass or new_op:
+            logger.info("bootstrap secrets stored", passphrase=new_pass, operator_credential=new_op)
+        app = build_app(self.ctx)
+        if self.customize:
+            self.customize(app, self.ctx)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        ssl_ctx = tls.server_context(resolve_credential(cc.tls_cert or self.config.ingest.tls_cert),
+                                     resolve_credential(cc.tls_key or self.config.ingest.tls_key))
+        site = web.TCPSite(self.runner, cc.host, cc.port, ssl_context=ssl_ctx)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        logger.info("management API ready", port=self.port, schema_version=self.store.schema_version,
+                    database=self.store.path)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            try:
+                await asyncio.wait_for(self.runner.cleanup(), STOP_LISTENER_SECONDS)
+            except asyncio.TimeoutError:
+                logger.warning("management API did not close in time", seconds=STOP_LISTENER_SECONDS)
+            self.runner = None
+        await self.store.close()
