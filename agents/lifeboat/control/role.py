@@ -89,6 +89,21 @@ class ControlRole:
         logger.info("management API ready", port=self.port, schema_version=self.store.schema_version,
                     database=self.store.path)
 
+    async def machine_of(self, token: str) -> str:
+        """The ingest's check of a per-machine agent credential (the primary has the store)."""
+        from ..process_server.ingest import CredentialRefused
+        from .link import agent_machine
+
+        if self.store.conn is None:
+            raise CredentialRefused(503, "auth_unavailable", "the configuration server is starting; retry shortly")
+        try:
+            principal = await self.store.call(auth.authenticate, token)
+        except auth.Refused as exc:
+            self.metrics.refusals.labels(exc.reason).inc()
+            logger.warning("ingest credential refused", reason=exc.reason, detail=exc.message)
+            raise CredentialRefused(exc.status, exc.reason, exc.message) from None
+        return agent_machine(principal)
+
     async def stop(self) -> None:
         if self.runner is not None:
             try:

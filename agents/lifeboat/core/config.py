@@ -57,6 +57,8 @@ class IngestConfig:
     tls_key: str = req("server private key (PEM)", "/etc/lifeboat/tls/server.key")
     agent_token_file: str = req("file holding the bearer token agents present", "/etc/lifeboat/agent.token")
     max_batch_bytes: int = opt(64 * MiB, "largest batch body accepted; larger requests get 413")
+    accept_shared_token: bool = opt(True, "accept agent_token_file's shared token from any agent; false = only "
+                                    "per-machine credentials of the configuration server ('lifeboat register')")
 
 
 @dataclass(kw_only=True)

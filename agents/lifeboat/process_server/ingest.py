@@ -21,6 +21,7 @@ API_PREFIX = "/api/v1"
 MEDIA_TYPE = "application/vnd.lifeboat.batch.v1"
 READ_CHUNK_BYTES = 256 * 1024
 _SEQ_RE = re.compile(r"^[1-9][0-9]{0,18}$")
+CREDENTIAL_PREFIX = "lbt_"   # per-machine credentials of the configuration server (control/auth.py TOKEN_PREFIX)
 
 
 class _Reject(Exception):
@@ -29,11 +30,23 @@ class _Reject(Exception):
         self.status, self.reason, self.message, self.headers, self.extra = status, reason, message, headers or {}, extra
 
 
+class CredentialRefused(Exception):
+    """An agent credential the configuration server does not accept (or cannot check now: status 503)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
 class IngestService:
     def __init__(self, cache: DiskCache, token: str, max_batch_bytes: int, retry_after_seconds: int,
-                 metrics: ProcessServerMetrics, pool: ThreadPoolExecutor, on_stored, on_new_disk) -> None:
+                 metrics: ProcessServerMetrics, pool: ThreadPoolExecutor, on_stored, on_new_disk,
+                 machine_of=None) -> None:
         self.cache = cache
-        self._token = token.encode()
+        self._token = token.encode()        # the shared agent token; b"" = not accepted
+        # async machine_of(token) -> machine name, or CredentialRefused: per-machine agent credentials
+        # of the configuration server (control role); None = only the shared token.
+        self.machine_of = machine_of
         self.max_batch_bytes = max_batch_bytes
         self.retry_after_seconds = retry_after_seconds
         self.metrics = metrics
@@ -55,11 +68,27 @@ class IngestService:
         return web.json_response({"error": exc.reason, "message": exc.message, **exc.extra},
                                  status=exc.status, headers=exc.headers)
 
-    def _authenticate(self, request: web.Request) -> None:
+    async def _authenticate(self, request: web.Request, disk: str) -> None:
         auth = request.headers.get("Authorization", "")
-        if not auth.startswith("Bearer ") or not hmac.compare_digest(auth[7:].strip().encode(), self._token):
-            raise _Reject(401, "unauthenticated", "missing or wrong bearer token: use the agent token from 'lifeboat init'",
-                          {"WWW-Authenticate": "Bearer"})
+        presented = auth[7:].strip() if auth.startswith("Bearer ") else ""
+        if self._token and presented and hmac.compare_digest(presented.encode(), self._token):
+            return
+        if self.machine_of is not None and presented.startswith(CREDENTIAL_PREFIX):
+            try:
+                machine = await self.machine_of(presented)
+            except CredentialRefused as exc:
+                headers = {"Retry-After": str(self.retry_after_seconds)} if exc.status == 503 else {
+                    "WWW-Authenticate": "Bearer"}
+                raise _Reject(exc.status, "auth_unavailable" if exc.status == 503 else "unauthenticated",
+                              exc.message, headers) from None
+            # Disk ids are <machine>.<disk>: an agent's credential covers its own machine's disks only.
+            if "." not in disk or disk.split(".", 1)[0] != machine:
+                raise _Reject(403, "forbidden", f"agent {machine} may not send or query disk {disk}, which belongs "
+                              f"to machine {disk.split('.', 1)[0]}: use that machine's own credential")
+            return
+        raise _Reject(401, "unauthenticated", "missing or wrong bearer token: use this machine's credential from "
+                      "'lifeboat register' (or the shared agent token from 'lifeboat init')",
+                      {"WWW-Authenticate": "Bearer"})
 
     def _disk(self, request: web.Request) -> str:
         disk = request.match_info["disk"]
@@ -80,8 +109,8 @@ class IngestService:
 
     async def get_disk(self, request: web.Request) -> web.Response:
         try:
-            self._authenticate(request)
             disk = self._disk(request)
+            await self._authenticate(request, disk)
             await self._adopt(disk)
         except _Reject as exc:
             return self._reject(exc, request)
@@ -90,8 +119,8 @@ class IngestService:
 
     async def put_batch(self, request: web.Request) -> web.Response:
         try:
-            self._authenticate(request)
             disk = self._disk(request)
+            await self._authenticate(request, disk)
             seq_text = request.match_info["seq"]
             if not _SEQ_RE.fullmatch(seq_text):
                 raise _Reject(400, "bad_request", f"sequence {seq_text!r} is not a positive integer")

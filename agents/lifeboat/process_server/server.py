@@ -51,8 +51,11 @@ class ProcessServer:
         self.metrics_port = 0
         self._stalls: dict[str, StallDetector] = {}
         self.control = None   # ControlRole when [control] enabled = true (the primary)
+        self.primary = None   # PrimaryLink when [control] primary_url is set (a scale-out)
 
     def _token(self) -> str:
+        if not self.config.ingest.accept_shared_token:
+            return ""
         path = resolve_credential(self.config.ingest.agent_token_file)
         try:
             with open(path) as f:
@@ -76,7 +79,8 @@ class ProcessServer:
         logger.info("cache recovered", disks=len(acked), pending_bytes=self.cache.used_bytes,
                     repository=self.repo.backend.location)
         ingest = IngestService(self.cache, token, cfg.ingest.max_batch_bytes, cfg.cache.retry_after_seconds,
-                               self.metrics, self.pool, self._stored, self._adopt)
+                               self.metrics, self.pool, self._stored, self._adopt,
+                               self._machine_of if (cfg.control.enabled or cfg.control.primary_url) else None)
         runner = web.AppRunner(ingest.app(), access_log=None, handle_signals=False)
         await runner.setup()
         ssl_ctx = tls.server_context(resolve_credential(cfg.ingest.tls_cert), resolve_credential(cfg.ingest.tls_key))
@@ -87,11 +91,23 @@ class ProcessServer:
         mrunner, self.metrics_port = await start_metrics_server(
             self.metrics.registry, cfg.metrics.host, cfg.metrics.port, self.health)
         self._runners.append(mrunner)
+        if cfg.control.primary_url:
+            from ..control.link import PrimaryLink  # a scale-out checks agent credentials with the primary
+            self.primary = PrimaryLink(cfg.control)
+            await self.primary.start()
         if cfg.control.enabled:
             from ..control.role import ControlRole  # only the primary pays for the control role's imports
             self.control = ControlRole(cfg, self.metrics.registry, server=self)
             await self.control.start(self.ingest_port)
         logger.info("process server ready", ingest_port=self.ingest_port, metrics_port=self.metrics_port)
+
+    async def _machine_of(self, token: str) -> str:
+        """Per-machine agent credentials: the machine a token belongs to (control/link.py)."""
+        checker = self.control or self.primary
+        if checker is None:
+            from .ingest import CredentialRefused
+            raise CredentialRefused(503, "auth_unavailable", "the configuration server is starting; retry shortly")
+        return await checker.machine_of(token)
 
     def health(self) -> tuple[bool, dict]:
         failing = {d: u.failing for d, u in self.uploaders.items() if u.failing}
@@ -142,6 +158,8 @@ class ProcessServer:
         """Stop accepting, give in-progress uploads time to finish, then cancel (cached batches persist)."""
         if self.control is not None:
             await self.control.stop()
+        if self.primary is not None:
+            await self.primary.close()
         for runner in self._runners:
             try:
                 await asyncio.wait_for(runner.cleanup(), STOP_LISTENER_SECONDS)
