@@ -20,7 +20,7 @@ from ..repository.open import backend_from_url
 from ..repository.repo import Repository
 from ..repository.verify import verify_repository
 from ..mobility.group_wire import NAME_RE
-from . import control, doctor
+from . import control, doctor, inventory
 from ..control.auth import new_passphrase, new_token
 from .control import write_secret
 from .points import GroupFailoverRefused, group_points, machine_points, point_group, resolve, resolve_group
@@ -308,6 +308,7 @@ def parser() -> argparse.ArgumentParser:
 
     doctor.add_parser(sub)
     control.add_parser(sub)
+    inventory.add_parser(sub)
     return ap
 
 

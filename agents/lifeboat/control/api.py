@@ -13,6 +13,7 @@ from .. import __version__
 from ..core import logging as log
 from . import auth
 from .auth import NAME_RE, Principal, Refused
+from .inventory import InventoryError
 from .metrics import ControlMetrics
 from .store import Store
 
@@ -40,6 +41,7 @@ class ControlContext:
     credential_ttl_seconds: float | None = None
     server_name: str = "primary"
     extra: dict[str, Any] = field(default_factory=dict)
+    server: Any = None   # the ProcessServer the role runs in: its repository (.repo) and cache (.cache)
 
 
 def ctx_of(request: web.Request) -> ControlContext:
@@ -119,6 +121,10 @@ async def api_middleware(request: web.Request, handler: Callable[[web.Request], 
         resp = await handler(request)
     except Refused as exc:
         resp = _refuse(request, exc, principal)
+    except InventoryError as exc:
+        resp = web.json_response({"error": exc.code, "message": exc.message}, status=exc.status)
+        logger.info("api call rejected", code=exc.code, status=exc.status, detail=exc.message,
+                    principal=str(principal) if principal else None, method=request.method, path=request.path)
     except ApiError as exc:
         logger.info("api call rejected", code=exc.code, status=exc.status, detail=exc.message,
                     principal=str(principal) if principal else None, method=request.method, path=request.path)
@@ -241,4 +247,6 @@ def build_app(ctx: ControlContext) -> web.Application:
     r.add_post(API_PREFIX + "/credentials", post_credential_issue)
     r.add_post(API_PREFIX + "/credentials/{credential_id}/revoke", post_credential_revoke)
     r.add_post(API_PREFIX + "/credentials/check", post_credential_check)
+    from . import inventory_api
+    inventory_api.add_routes(app)
     return app

@@ -48,6 +48,7 @@ class ControlRole:
                                   server_name=config.control.name)
         self.customize = customize
         self.server = server          # the ProcessServer this role runs in (its repository, its cache)
+        self.ctx.server = server
         self.runner: web.AppRunner | None = None
         self.port = 0
 

@@ -203,6 +203,21 @@ class GroupConfig:
 
 
 @dataclass(kw_only=True)
+class AgentControlConfig:
+    api_url: str = opt("", "management API of the primary process server (https://host:443); empty = no control "
+                       "plane: no heartbeat, the process server is the configured one")
+    ca_cert: str = opt("", "CA certificate of the management API; empty = process_server.ca_cert")
+    credential_file: str = opt("", "this machine's credential ('lifeboat register --machine'); empty = "
+                               "process_server.token_file")
+    apply_policy: bool = opt(True, "take the crash- and app-consistent intervals from the machine's replication "
+                             "policy (heartbeat answers), instead of replication.interval_seconds and "
+                             "consistency.app_interval_seconds")
+    timeout_seconds: float = opt(10.0, "per-call timeout; a failed heartbeat is logged and replication goes on")
+    hold_max_seconds: float = opt(300.0, "a move between process servers pauses cycles until the old one has "
+                                  "uploaded everything; past this long, cycles resume on the old one")
+
+
+@dataclass(kw_only=True)
 class MobilityConfig:
     machine: str = req("this machine's name ([a-z0-9._-])", "web01")
     state_dir: str = req("agent state (digest maps, sequence numbers)", "/var/lib/lifeboat/mobility")
@@ -213,6 +228,7 @@ class MobilityConfig:
     tracking: TrackingConfig = opt(None, "change tracking")
     snapshot: SnapshotConfig = opt(None, "point-in-time snapshots that each cycle reads from")
     group: GroupConfig = opt(None, "multi-machine consistency group: cycles are driven by the group's coordinator")
+    control: AgentControlConfig = opt(None, "configuration server: heartbeats, policy, process-server assignment")
     metrics: MetricsConfig = opt(None, "metrics listener", default_port=9461)
     log: LogConfig = opt(None, "logging")
 

@@ -65,6 +65,8 @@ class Agent:
         self._group_fields: dict = {}
         self.cycle_lock = asyncio.Lock()
         self.group_port: int | None = None
+        self.control = None   # ControlLink when [control] api_url is set: heartbeats, policy, moves
+        self.resyncs_seen: dict[str, tuple[str, float]] = {}   # disk id -> (reason, unix time), for status
 
     def _token(self) -> str:
         path = resolve_credential(self.config.process_server.token_file)
@@ -99,6 +101,13 @@ class Agent:
             if self.tracker and state.disk_id in self.tracker.disks:
                 self._open_change_log(state)
         self.capturer = Capturer(cfg, {s.disk_id: s.path for s in self.disks}, self.tracker)
+        if cfg.control.api_url:
+            from .control_client import ControlLink
+            self.control = ControlLink(cfg)
+            await self.control.heartbeat(self, "starting")
+
+    def _note_resync(self, disk_id: str, reason: str | None) -> None:
+        self.resyncs_seen[disk_id] = (reason or "unknown", time.time())
 
     def _open_change_log(self, state: DiskState) -> None:
         """The disk's .hrl; decide whether tracking continues from the last run or needs a digest resync."""
@@ -126,6 +135,7 @@ class Agent:
         if cl.tier == Tier.RESYNC and reason != "initial_copy":
             code = reason_code(cl.tier_reason) or "other"
             self.metrics.resyncs.labels(code if code in RESYNC_REASONS else "tracking_lost").inc()
+            self._note_resync(state.disk_id, cl.tier_reason)
             logger.warning("digest resync: writes while the agent was stopped are unknown", DISK=state.disk_id,
                            reason=cl.tier_reason)
         elif cl.tier != Tier.RESYNC:
@@ -212,6 +222,7 @@ class Agent:
             reason = "server_behind"
         if reason:
             self.metrics.resyncs.labels(reason).inc()
+            self._note_resync(disk_id, reason)
             logger.warning("full resync: replica state unknown", DISK=disk_id, reason=reason, acked_seq=acked,
                            local_seq=dmap.seq if dmap else None)
             # Point ids carry the cycle number; every cycle used at least one sequence number, so
@@ -245,6 +256,8 @@ class Agent:
         for state in self.disks:
             if state.change_log is not None:
                 state.change_log.close(clean=True)
+        if self.control:
+            await self.control.close()
         if self.sender:
             await self.sender.__aexit__(None, None, None)
 
@@ -253,7 +266,14 @@ class Agent:
         script] → read the epoch's dirty blocks from the snapshot → send → bookmark acknowledged → map
         saved → snapshot dropped. Cycles never overlap."""
         async with self.cycle_lock:
-            return await self._run_cycle(group_hold)
+            ok = False
+            try:
+                result = await self._run_cycle(group_hold)
+                ok = True
+                return result
+            finally:
+                if self.control:
+                    self.control.after_cycle(self, ok)
 
     async def _run_cycle(self, group_hold: Hold | None) -> dict:
         cfg = self.config
@@ -372,6 +392,7 @@ class Agent:
                     cl.require_resync(d.epoch_lost, through_epoch=self.cycle)
                     code = reason_code(d.epoch_lost) or "other"
                     self.metrics.resyncs.labels(code if code in RESYNC_REASONS else "tracking_lost").inc()
+                    self._note_resync(state.disk_id, d.epoch_lost)
                     logger.warning("digest resync: change tracking lost", DISK=state.disk_id, POINT=point_id,
                                    reason=d.epoch_lost)
                 elif d.epoch_ranges:
@@ -485,9 +506,11 @@ class Agent:
         In a consistency group the coordinator's rounds drive the cycles instead."""
         if self.config.group.name:
             return await self._run_group(stop, cycles)
-        interval = self.config.replication.interval_seconds
         n = 0
         while not stop.is_set():
+            interval = self.config.replication.interval_seconds  # a policy may change it (control plane)
+            if self.control:
+                await self.control.before_cycle(self, stop)
             t0 = time.monotonic()
             try:
                 await self.run_cycle()

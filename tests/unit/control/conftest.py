@@ -17,3 +17,14 @@ async def control(tmp_path):
     await rc.start()
     yield rc
     await rc.stop()
+
+
+@pytest.fixture
+async def control_repo(tmp_path):
+    """A running role whose process server has a (real, local) repository open: status and failover work."""
+    rc = RunningControl(tmp_path)
+    server = await rc.with_repository()
+    await rc.start(server=server)
+    yield rc
+    await rc.stop()
+    await rc.repo.backend.close()

@@ -43,6 +43,18 @@ class RunningControl:
             "repository": {"url": f"local:{self.tmp / 'repo'}", "key_file": str(self.tmp / 'repo.key')},
             "control": self.control})
 
+    async def with_repository(self):
+        """A real local-directory repository, opened the way the process server opens it (its .repo)."""
+        from types import SimpleNamespace
+
+        from lifeboat.core import keys
+        from lifeboat.repository.open import backend_from_url
+        from lifeboat.repository.repo import Repository
+
+        unlocker = keys.write_key_file(str(self.tmp / "repo.key"))
+        self.repo = await Repository.init(backend_from_url(f"local:{self.tmp / 'repo'}"), unlocker)
+        return SimpleNamespace(repo=self.repo, cache=None)
+
     async def start(self, customize=None, server=None) -> ControlRole:
         self.registry = CollectorRegistry()   # a restart is a new process: fresh metrics
         self.role = ControlRole(self.config(), self.registry, customize=customize, server=server)
