@@ -100,6 +100,7 @@ class Lab:
         # Configuration-server role in the (primary) process server: its management API port.
         self.control = control
         self.api_port = free_port() if control else 0
+        self.scale_outs: dict[str, tuple[subprocess.Popen, int]] = {}
 
     # --- process server ---------------------------------------------------------------------
 
@@ -153,6 +154,46 @@ class Lab:
                 if time.monotonic() > deadline or (self.ps_proc and self.ps_proc.poll() is not None):
                     raise RuntimeError(f"management API not listening; see {self.log_path}") from None
                 time.sleep(0.05)
+
+    def start_scale_out(self, name: str, credential_file: str, ingest_port: int | None = None,
+                        extra: dict | None = None) -> subprocess.Popen:
+        """A second process server (same repository, own cache) that checks agents with the primary's API."""
+        i = self.init
+        port = ingest_port or free_port()
+        repo = {"url": i["repository"], "key_file": i["key_file"]}
+        if self.conn_file:
+            repo["azure_connection_string_file"] = str(self.conn_file)
+        doc = merge({
+            "ingest": {"host": "127.0.0.1", "port": port, "tls_cert": i["server_cert"], "tls_key": i["server_key"],
+                       "agent_token_file": i["agent_token"], "accept_shared_token": False},
+            "cache": {"dir": str(self.work / f"cache-{name}"), "max_bytes": 1 << 30},
+            "repository": repo,
+            "metrics": {"host": "127.0.0.1", "port": free_port()},
+            "log": {"format": "kv"},
+            "control": {"primary_url": self.api_url, "ca_cert": i["ca_cert"], "credential_file": str(credential_file),
+                        "name": name, "auth_cache_seconds": 1.0},
+        }, extra)
+        path = self.work / f"process-server-{name}.toml"
+        path.write_text(to_toml(doc))
+        proc = subprocess.Popen([bin_path("lifeboat-process-server"), "-c", str(path)], stderr=self.log)
+        self.scale_outs[name] = (proc, port)
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT_SECONDS
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"process server {name} exited with {proc.returncode}; see {self.log_path}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return proc
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"process server {name} not listening") from None
+                time.sleep(0.05)
+
+    def agent_control(self, machine_credential: str, ps_port: int | None = None) -> dict:
+        """Agent config parts for a registered machine: its credential, the API, and a process server."""
+        return {"process_server": {"url": f"https://127.0.0.1:{ps_port or self.ps_port}", "ca_cert": self.init["ca_cert"],
+                                   "token_file": str(machine_credential), "retry_max_seconds": 1.0},
+                "control": {"api_url": self.api_url, "credential_file": str(machine_credential)}}
 
     def start_ps(self, extra: dict | None = None) -> subprocess.Popen:
         conf = self.ps_config(extra)
@@ -269,6 +310,10 @@ class Lab:
             for machine in self.machines:
                 remove_instance(instance_name(machine, str(self.work / f"agent-{machine}")))
         try:
+            for proc, _ in self.scale_outs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(DAEMON_STOP_TIMEOUT_SECONDS)
             self.stop_ps()
         finally:
             self.log.close()

@@ -23,6 +23,8 @@ from ..mobility.group_wire import NAME_RE
 from . import control, doctor, inventory
 from ..control.auth import new_passphrase, new_token
 from .control import write_secret
+from .control_args import add_api_args, api_configured
+from .control_failover import control_failover
 from .points import GroupFailoverRefused, group_points, machine_points, point_group, resolve, resolve_group
 from .repo_args import add_repo_args, open_from_args
 
@@ -197,6 +199,14 @@ async def _failover_group(args, repo) -> int:
 
 
 async def cmd_failover(args) -> int:
+    # MACHINE positional (or --group without --repo/-c) with a management API: a job in the primary.
+    if args.target or (args.group and api_configured(args) and not (args.repo or args.config)):
+        if not api_configured(args):
+            raise LifeboatError("'lifeboat failover MACHINE' goes through the management API: pass --api (or set "
+                                "$LIFEBOAT_API); the direct form is 'lifeboat failover --test --machine M --repo ...'")
+        return await control_failover(args, _progress)
+    if not args.to:
+        raise LifeboatError("--to is required: an image file (one disk) or a directory")
     if not args.test:
         raise LifeboatError("only test failover (--test) is available in this release; production failover "
                             "to Azure comes with the configuration-server role")
@@ -287,12 +297,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test", action="store_true", help="test failover: write to an isolated target, replication continues")
     p.add_argument("--point", default="latest",
                    help="point id, latest, latest-crash or latest-app; with --group: a group tag, latest-group "
-                        "(= latest), latest-crash or latest-app")
+                        "(= latest), latest-crash or latest-app; through the API also latest-processed")
     p.add_argument("--machine")
     p.add_argument("--group", help="fail over every member of this consistency group at one group point "
                                    "(--to is then a directory)")
     p.add_argument("--disk", help="only this disk (as named in the agent config)")
-    p.add_argument("--to", required=True, help="image file (one disk) or directory (one <disk-id>.img per disk)")
+    p.add_argument("--to", help="image file (one disk) or directory (one <disk-id>.img per disk)")
+    p.add_argument("target", nargs="*", metavar="MACHINE | commit MACHINE | cleanup MACHINE",
+                   help="through the management API: fail over MACHINE (a job in the primary process server; --to is "
+                        "a directory there), or commit / clean up its failover")
+    add_api_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing image file")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(fn=cmd_failover)

@@ -247,6 +247,7 @@ def build_app(ctx: ControlContext) -> web.Application:
     r.add_post(API_PREFIX + "/credentials", post_credential_issue)
     r.add_post(API_PREFIX + "/credentials/{credential_id}/revoke", post_credential_revoke)
     r.add_post(API_PREFIX + "/credentials/check", post_credential_check)
-    from . import inventory_api
+    from . import failover_api, inventory_api
     inventory_api.add_routes(app)
+    failover_api.add_routes(app)
     return app

@@ -77,6 +77,12 @@ class ControlRole:
         new_pass, new_op = await self.store.call(bootstrap)
         if new_pass or new_op:
             logger.info("bootstrap secrets stored", passphrase=new_pass, operator_credential=new_op)
+        from .jobs import JobRunner, interrupt_leftovers
+
+        interrupted = await self.store.call(interrupt_leftovers)
+        if interrupted:
+            logger.warning("jobs interrupted by the previous stop marked failed", jobs=interrupted)
+        self.ctx.extra["jobs"] = JobRunner(self.store)
         app = build_app(self.ctx)
         if self.customize:
             self.customize(app, self.ctx)
@@ -87,6 +93,11 @@ class ControlRole:
         site = web.TCPSite(self.runner, cc.host, cc.port, ssl_context=ssl_ctx)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        from .retention_task import RetentionTask
+
+        self.retention = RetentionTask(self.store, lambda: getattr(self.server, "repo", None),
+                                       cc.retention_interval_seconds)
+        self.retention.start()
         logger.info("management API ready", port=self.port, schema_version=self.store.schema_version,
                     database=self.store.path)
 
@@ -106,6 +117,10 @@ class ControlRole:
         return agent_machine(principal)
 
     async def stop(self) -> None:
+        if getattr(self, "retention", None) is not None:
+            await self.retention.stop()
+        if "jobs" in self.ctx.extra:
+            await self.ctx.extra["jobs"].stop()
         if self.runner is not None:
             try:
                 await asyncio.wait_for(self.runner.cleanup(), STOP_LISTENER_SECONDS)
