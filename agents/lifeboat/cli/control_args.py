@@ -6,8 +6,6 @@ import argparse
 import os
 import tomllib
 
-from ..control.auth import read_secret_file
-from ..control.client import ApiClient
 from ..core.errors import LifeboatError
 
 CLI_CONFIG_ENV = "LIFEBOAT_CLI_CONFIG"
@@ -55,7 +53,11 @@ def api_configured(args) -> bool:
     return bool(api_settings(args)["api"])
 
 
-def client_from_args(args, credential: bool = True) -> ApiClient:
+def client_from_args(args, credential: bool = True):
+    """An ApiClient (aiohttp is imported only by the commands that talk to the API: CLI start-up stays fast)."""
+    from ..control.auth import read_secret_file
+    from ..control.client import ApiClient
+
     s = api_settings(args)
     if not s["api"]:
         raise LifeboatError("no management API given: pass --api https://HOST:PORT (or set $LIFEBOAT_API, or "

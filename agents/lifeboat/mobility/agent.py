@@ -80,7 +80,15 @@ class Agent:
         cfg = self.config
         os.makedirs(cfg.state_dir, exist_ok=True)
         link = cfg.process_server
-        self.sender = BatchSender(link.url, resolve_credential(link.ca_cert), self._token(),
+        url = link.url
+        if cfg.control.api_url:
+            # Ask the configuration server first: the machine may have been moved to another process
+            # server while this agent was stopped (the configured one no longer has its latest batches).
+            from .control_client import ControlLink
+            self.control = ControlLink(cfg)
+            reply = await self.control.heartbeat(self, "starting")
+            url = ((reply or {}).get("process_server") or {}).get("url") or url
+        self.sender = BatchSender(url, resolve_credential(link.ca_cert), self._token(),
                                   link.timeout_seconds, link.retry_max_seconds)
         await self.sender.__aenter__()
         for i, d in enumerate(cfg.disks):
@@ -101,10 +109,6 @@ class Agent:
             if self.tracker and state.disk_id in self.tracker.disks:
                 self._open_change_log(state)
         self.capturer = Capturer(cfg, {s.disk_id: s.path for s in self.disks}, self.tracker)
-        if cfg.control.api_url:
-            from .control_client import ControlLink
-            self.control = ControlLink(cfg)
-            await self.control.heartbeat(self, "starting")
 
     def _note_resync(self, disk_id: str, reason: str | None) -> None:
         self.resyncs_seen[disk_id] = (reason or "unknown", time.time())
