@@ -45,6 +45,11 @@ class HTTPFaultProxy:
             raise ValueError(f"faults must be among {FAULTS} and 0 <= fraction <= 1, not {faults}, {fraction}")
         self.faults, self.stall_seconds, self.fraction = tuple(faults), stall_seconds, fraction
 
+    @property
+    def landed(self) -> int:
+        """Requests that got a fault instead of being forwarded."""
+        return sum(n for what, n in self.counts.items() if what != "pass")
+
     def heal(self) -> None:
         self.fraction = 0.0
 

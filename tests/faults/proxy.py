@@ -49,6 +49,7 @@ class FaultProxy:
         self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter | None]] = set()
         self.connections = 0
         self.faulted_connections = 0
+        self.faulted_chunks = 0  # chunks a delay, throttle or cut acted on
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"fault-proxy-{upstream_port}", daemon=True)
@@ -57,6 +58,11 @@ class FaultProxy:
         self.port: int = self._port
 
     # --- control (any thread) ---------------------------------------------------------------
+
+    @property
+    def landed(self) -> int:
+        """How often a fault acted on traffic (connections refused/reset/swallowed/cut, chunks slowed)."""
+        return self.faulted_connections + self.faulted_chunks
 
     @property
     def current(self) -> Mode:
@@ -158,6 +164,8 @@ class FaultProxy:
                     self.faulted_connections += 1
                     await self._swallow(reader)
                     return
+                if mode.name != "pass":
+                    self.faulted_chunks += 1
                 if mode.name == "delay":
                     await asyncio.sleep(max(0.0, mode.value + self.rng.uniform(-mode.jitter, mode.jitter)) / 1000)
                 elif mode.name == "throttle":

@@ -85,8 +85,8 @@ class Result:
 def make_scenario(seed: int, fault: str) -> Scenario:
     """Draw the fault's parameters from Random(seed): where it lands, how long, how hard."""
     rng = random.Random(f"{fault}/{seed}")
-    p: dict = {"size_mib": rng.choice([16, 16, 24]), "cycles": rng.choice([3, 4]),
-               "start_after_seconds": round(rng.uniform(0.2, 2.5), 2), "hold_seconds": round(rng.uniform(1.0, 3.0), 2)}
+    p: dict = {"size_mib": rng.choice([16, 16, 24]), "cycles": rng.choice([3, 4, 5]),
+               "start_after_seconds": round(rng.uniform(0.05, 1.0), 2), "hold_seconds": round(rng.uniform(1.0, 3.0), 2)}
     if fault == "tcp_delay":
         p.update(delay_ms=rng.randint(10, 60), jitter_ms=rng.randint(0, 10))
     elif fault == "tcp_throttle":
@@ -218,7 +218,6 @@ class ScenarioRun:
         f, p = self.sc.fault, self.p
         if not self.sleep_unless_done(p["start_after_seconds"]):
             return
-        self.result.faults_applied += 1
         if f.startswith("tcp_"):
             mode = {"tcp_delay": ("delay", p.get("delay_ms", 0), p.get("jitter_ms", 0)),
                     "tcp_throttle": ("throttle", p.get("bytes_per_second", 0), 0),
@@ -227,16 +226,18 @@ class ScenarioRun:
             self.link.mode(*mode)
             self.sleep_unless_done(p["hold_seconds"] * (3 if f in ("tcp_delay", "tcp_throttle") else 1))
             self.link.heal()
+            self.result.faults_applied += self.link.landed
         elif f == "kill_process_server":
             for k in range(p["kills"]):
                 if k and not self.sleep_unless_done(self.rng.uniform(0.3, 2.0)):
                     return
                 self.lab.stop_ps(signal.SIGKILL)
+                self.result.faults_applied += 1
                 time.sleep(p["down_seconds"])
                 self.start_ps()
-                self.result.faults_applied += k > 0
         elif f == "azurite_restart":
             self.azurite.stop()
+            self.result.faults_applied += 1
             time.sleep(p["down_seconds"])
             self.storage_proxy.set_upstream(self.azurite.start())
         elif f in ("storage_errors", "storage_stall"):
@@ -244,15 +245,18 @@ class ScenarioRun:
                 self.storage_proxy.configure(p["fraction"], tuple(p["faults"]))
             else:
                 self.storage_proxy.configure(p["fraction"], ("stall",), p["stall_seconds"])
-            self.sleep_unless_done(p["hold_seconds"] * 3)
+            time.sleep(p["hold_seconds"] * 3)  # uploads go on after the agent is done
             self.storage_proxy.heal()
+            self.result.faults_applied += self.storage_proxy.landed
         elif f == "cache_full":
             self.storage_proxy.configure(1.0, ("503",))
-            self.sleep_unless_done(p["hold_seconds"])
+            time.sleep(p["hold_seconds"])
             self.storage_proxy.heal()
+            self.result.faults_applied += self.storage_proxy.landed
         elif f == "clock_jump":
             for jump in p["jumps"]:
                 self.clock_file.write_text(jump + "\n")
+                self.result.faults_applied += 1
                 if not self.sleep_unless_done(p["hold_seconds"]):
                     break
         # kill_agent is driven by replicate(): it restarts the agent itself
@@ -260,7 +264,7 @@ class ScenarioRun:
     def kill_agent_at_random(self) -> None:
         """SIGKILL the agent at a seeded moment; if it dies while the writer is paused for a point
         whose bookmark may already be out, record the image (unchanged since) as that point's source."""
-        if self.sleep_unless_done(self.rng.uniform(0.2, 2.5)):
+        if self.sleep_unless_done(self.rng.uniform(0.05, 1.2)):
             self.agent.kill()
             self.agent.wait()
             self.result.faults_applied += 1
