@@ -71,10 +71,16 @@ class HTTPFaultProxy:
         self._loop.close()
 
     def _stop(self) -> None:
+        self._loop.create_task(self._shutdown())
+
+    async def _shutdown(self) -> None:
         self._server.close()
-        for task in asyncio.all_tasks(self._loop):
-            task.cancel()
-        self._loop.call_later(0.05, self._loop.stop)
+        # Cancelled handlers may start more tasks as they unwind: repeat until none is left.
+        while tasks := [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop.stop()
 
     def _decide(self) -> str:
         if self.fraction and self.rng.random() < self.fraction:
