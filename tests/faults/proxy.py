@@ -180,10 +180,12 @@ class FaultProxy:
                     if budget[0] is None:
                         budget[0] = int(mode.value)
                     if len(data) >= budget[0]:
+                        # The link drops here: what came before the cut is delivered, nothing after.
                         writer.write(data[:budget[0]])
                         self.faulted_connections += 1
-                        writer.transport.abort()  # the link drops: no more bytes either way
                         other.transport.abort()
+                        writer.close()
+                        await writer.wait_closed()
                         return
                     budget[0] -= len(data)
                 writer.write(data)

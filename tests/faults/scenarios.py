@@ -279,7 +279,10 @@ class ScenarioRun:
             self.storage_proxy.configure(1.0, ("503",))
             time.sleep(p["hold_seconds"])
             self.storage_proxy.heal()
-            self.result.faults_applied += self.storage_proxy.landed
+            # Landed only if the cache really filled: ENOSPC on the small filesystem, or the
+            # process server throttling senders above its high-water mark.
+            log = self.lab.log_path.read_text(errors="replace")
+            self.result.faults_applied += log.count("No space left on device") + log.count("process server throttling")
         elif f == "clock_jump":
             for jump in p["jumps"]:
                 self.clock_file.write_text(jump + "\n")
@@ -353,6 +356,9 @@ class ScenarioRun:
 
     def verify(self) -> None:
         lab, res = self.lab, self.result
+        if self.storage_proxy:
+            # The operator's commands reach storage directly: the proxies belong to the fault path.
+            lab.conn_file.write_text(connection_string(self.storage_proxy.upstream_port))
         res.acknowledged = self.acknowledged()
         deadline = time.monotonic() + CATALOG_TIMEOUT_SECONDS
         while True:
