@@ -27,7 +27,7 @@ def machine_points(entries: list[PointEntry]) -> list[MachinePoint]:
         mp.disks[e.disk_id] = e
         if e.consistency != mp.consistency:  # disks disagree: the weaker label wins
             mp.consistency = "none"
-    points = sorted(by_id.values(), key=lambda p: (p.created, p.point_id))
+    points = _in_log_order(sorted(by_id.values(), key=lambda p: (p.created, p.point_id)))
     # A machine point is complete once every disk the machine replicates has its entry; the
     # widest point of a machine tells its disks (until the control plane knows them, issue 5).
     widest: dict[str, int] = {}
@@ -36,6 +36,23 @@ def machine_points(entries: list[PointEntry]) -> list[MachinePoint]:
     for p in points:
         p.complete = len(p.disks) == widest[p.machine]
     return points
+
+
+def _in_log_order(points: list[MachinePoint]) -> list[MachinePoint]:
+    """Reorder each machine's points by their position in its disks' logs, keeping the slots the
+    machines' points take in wall-time order. Wall clocks jump (NTP steps, a wrong RTC); the log
+    position is what says which state came later, so "latest" never picks an older one."""
+    by_machine: dict[str, list[MachinePoint]] = {}
+    for p in points:
+        by_machine.setdefault(p.machine, []).append(p)
+    ordered: dict[str, list[MachinePoint]] = {}
+    for machine, mine in by_machine.items():
+        shared = set.intersection(*(set(p.disks) for p in mine))
+        if shared:  # one disk every point has: its (segment, frame) positions are totally ordered
+            ref = min(shared)
+            mine = sorted(mine, key=lambda p: (p.disks[ref].seq, p.disks[ref].frame_index))
+        ordered[machine] = mine[::-1]
+    return [ordered[p.machine].pop() for p in points]
 
 
 def resolve(points: list[MachinePoint], choice: str, machine: str | None) -> MachinePoint:

@@ -1,0 +1,27 @@
+"""Seeded fault scenarios in CI: every fault type under two seeds; every point recovered bit-exact."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from conftest import RESULTS, require_for
+from scenarios import AZURE_FAULTS, FAULTS, make_scenario, run_scenario
+
+CI_SEEDS = (1, 2)
+
+
+@pytest.mark.parametrize("seed", CI_SEEDS)
+@pytest.mark.parametrize("fault", FAULTS)
+def test_fault_scenario(fault, seed, tmp_path, request):
+    require_for(fault)
+    port = 0
+    if fault in AZURE_FAULTS and fault != "azurite_restart":  # the session's Azurite saves a start
+        port = int(re.search(r"127\.0\.0\.1:(\d+)", request.getfixturevalue("azurite")).group(1))
+    result = run_scenario(make_scenario(seed, fault, quick=True), tmp_path / "scenario", keep=True,
+                          shared_azurite_port=port)
+    RESULTS.append(result)
+    assert result.faults_applied >= 1, f"the fault never landed: {result.line()}"
+    assert result.ok, result.line() + f"\n(see {tmp_path / 'scenario' / 'lab' / 'daemons.log'})"
+    assert result.verified >= len(result.acknowledged) >= 1, result.line()
