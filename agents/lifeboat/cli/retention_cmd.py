@@ -35,7 +35,10 @@ def _print(report: RetentionReport, as_json: bool) -> None:
 
 
 async def cmd_apply(args) -> int:
-    policy = RetentionPolicy(_hours(args.retention_hours) * HOUR, _hours(args.keep_all_hours) * HOUR)
+    if args.checkpoint_every < 0:
+        raise LifeboatError(f"--checkpoint-every {args.checkpoint_every}: give a number of segments >= 0 (0: off)")
+    policy = RetentionPolicy(_hours(args.retention_hours) * HOUR, _hours(args.keep_all_hours) * HOUR,
+                             args.checkpoint_every)
     now = time.time() if args.now is None else args.now
     repo = await open_from_args(args)
     try:
@@ -67,6 +70,10 @@ def add_parser(sub) -> None:
     a.add_argument("--keep-all-hours", default="2", help="every point younger than this is kept (default 2)")
     a.add_argument("--now", type=float, help="unix time to thin at (default: now); a later time previews or "
                                              "tests what retention does then")
+    a.add_argument("--checkpoint-every", type=int, default=RetentionPolicy.checkpoint_interval_segments,
+                   metavar="SEGMENTS", help="also checkpoint just before the newest point once this many segments "
+                   "follow the newest checkpoint, so failover of recent points stays short (default "
+                   f"{RetentionPolicy.checkpoint_interval_segments}; 0: off)")
     a.add_argument("--work-dir", help="where the sparse temporary image of a checkpoint is built (default $TMPDIR)")
     a.add_argument("--json", action="store_true")
     a.set_defaults(fn=cmd_apply)

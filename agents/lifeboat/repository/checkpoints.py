@@ -156,7 +156,7 @@ async def build_checkpoint(repo: Repository, disk_id: str, seq: int, work_dir: s
                 del reader
             os.ftruncate(fd, disk_size)  # a frame of an older, larger geometry must not widen the image
             present: list[int] = []
-            zeros = bytes(chunk_bytes)
+            zeros = memoryview(bytes(chunk_bytes))
             count = -(-disk_size // chunk_bytes)
             pending: set[asyncio.Task] = set()
             try:

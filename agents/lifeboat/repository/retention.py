@@ -15,7 +15,9 @@
 # Enforcement order (each step leaves every kept point recoverable if the process dies after it):
 # 1. delete the catalog entries of dropped points; 2. per disk, build the checkpoint at seq C = (oldest
 # kept point's seq - 1): chunks first, then its manifest; 3. delete segments 1..C; 4. delete older
-# checkpoints and leftovers of interrupted builds. Segments after C are never touched, so the newest
+# checkpoints and leftovers of interrupted builds; 5. when checkpoint_interval_segments segments lie
+# between the newest checkpoint and the newest kept point, a checkpoint just before that point (and
+# the ones between C and it go: a speed-up only, every segment after C is still there). Segments after C are never touched, so the newest
 # segment (which the uploader and ProcessServer._adopt number from) always stays. A disk without any
 # kept point (a disk still in its initial copy) is left alone.
 
@@ -41,12 +43,19 @@ class RetentionPolicy:
 
     retention_seconds: float = 1 * DAY   # how far back points are kept (0 = only the latest point)
     keep_all_seconds: float = 2 * HOUR   # every point younger than this is kept
+    # A checkpoint just before the newest point once this many segments lie between it and the newest
+    # checkpoint, so failover of recent points replays at most this many segments however long the
+    # window is (0: only the compaction checkpoint). 288 = one day of 5-minute points.
+    checkpoint_interval_segments: int = 288
 
     def __post_init__(self) -> None:
         for name in ("retention_seconds", "keep_all_seconds"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"RetentionPolicy.{name} must be a finite number of seconds >= 0, got {value!r}")
+        n = self.checkpoint_interval_segments
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"RetentionPolicy.checkpoint_interval_segments must be an integer >= 0, got {n!r}")
 
 
 @dataclass
@@ -194,7 +203,7 @@ async def _machine_entries(repo: Repository, machine: str) -> tuple[list[PointEn
 
 async def _enforce(repo: Repository, machine: str, mine: list[PointEntry], keep: set[str],
                    report: RetentionReport, work_dir: str | None, chunk_bytes: int,
-                   fail_at: str | None) -> None:
+                   fail_at: str | None, interval: int = 0) -> None:
     async def step(name: str) -> None:
         if fail_at == name:
             raise InjectedCrash(name)
@@ -214,36 +223,62 @@ async def _enforce(repo: Repository, machine: str, mine: list[PointEntry], keep:
             kept_by_disk.setdefault(e.disk_id, []).append(e)
     for disk_id, kept in sorted(kept_by_disk.items()):
         cut = min(e.seq for e in kept) - 1   # the checkpoint seq: the image just before the oldest kept point
-        if cut < 1:
-            continue
-        segments = await repo.list_segments(disk_id)
-        objects = await list_checkpoint_objects(repo, disk_id)
-        if manifest_name(disk_id, cut) in objects.get(cut, ()):
-            manifest = await read_manifest(repo, disk_id, cut)
-        elif any(s <= cut for s in segments):
-            async def between(stage: str) -> None:
-                await step(stage)
-            manifest, written = await build_checkpoint(repo, disk_id, cut, work_dir, chunk_bytes, between)
-            report.checkpoints_written += [n for n in written if n.endswith("/manifest")]
-        else:
-            continue   # nothing behind the cut to compact
-        await step("manifest_published")
-        # 3. Segments the checkpoint now stands for; those after `cut` (and so the newest) stay.
-        for s in segments:
-            if s <= cut and await delete_quietly(repo, segment_name(disk_id, s)):
-                report.deleted_objects.append(segment_name(disk_id, s))
-                report.segments_deleted += 1
-        await step("segments_deleted")
-        # 4. Older checkpoints, and chunks of interrupted builds (never listed by a manifest).
-        wanted = {manifest_name(disk_id, cut)} | {chunk_name(disk_id, cut, i) for i in manifest.present}
-        objects = await list_checkpoint_objects(repo, disk_id)
-        for c, names in sorted(objects.items()):
-            if c > cut:
-                continue   # a newer checkpoint (a faster start for newer points) is still valid
-            # the manifest first: a checkpoint is never listed while its chunks are already gone
-            for name in sorted(names, key=lambda n: not n.endswith("/manifest")):
-                if name not in wanted and await delete_quietly(repo, name):
-                    report.deleted_objects.append(name)
+        if cut >= 1:
+            await _compact(repo, disk_id, cut, report, work_dir, chunk_bytes, step)
+        if interval:
+            await _recent_checkpoint(repo, disk_id, max(cut, 0), max(e.seq for e in kept) - 1, interval, report,
+                                     work_dir, chunk_bytes)
+
+
+async def _delete_checkpoint(repo: Repository, names: list[str], keep: set[str], report: RetentionReport) -> None:
+    # The manifest first: a checkpoint is never listed while its chunks are already gone.
+    for name in sorted(names, key=lambda n: not n.endswith("/manifest")):
+        if name not in keep and await delete_quietly(repo, name):
+            report.deleted_objects.append(name)
+
+
+async def _compact(repo: Repository, disk_id: str, cut: int, report: RetentionReport, work_dir: str | None,
+                   chunk_bytes: int, step) -> None:
+    """Checkpoint at `cut`, then delete segments 1..cut and checkpoints (or build leftovers) at or before it."""
+    segments = await repo.list_segments(disk_id)
+    objects = await list_checkpoint_objects(repo, disk_id)
+    if manifest_name(disk_id, cut) in objects.get(cut, ()):
+        manifest = await read_manifest(repo, disk_id, cut)
+    elif any(s <= cut for s in segments):
+        async def between(stage: str) -> None:
+            await step(stage)
+        manifest, written = await build_checkpoint(repo, disk_id, cut, work_dir, chunk_bytes, between)
+        report.checkpoints_written += [n for n in written if n.endswith("/manifest")]
+    else:
+        return   # nothing behind the cut to compact
+    await step("manifest_published")
+    # Segments the checkpoint now stands for; those after `cut` (and so the newest) stay.
+    for s in segments:
+        if s <= cut and await delete_quietly(repo, segment_name(disk_id, s)):
+            report.deleted_objects.append(segment_name(disk_id, s))
+            report.segments_deleted += 1
+    await step("segments_deleted")
+    wanted = {manifest_name(disk_id, cut)} | {chunk_name(disk_id, cut, i) for i in manifest.present}
+    for c, names in sorted((await list_checkpoint_objects(repo, disk_id)).items()):
+        if c <= cut:   # a newer checkpoint (a faster start for newer points) stays valid
+            await _delete_checkpoint(repo, names, wanted, report)
+
+
+async def _recent_checkpoint(repo: Repository, disk_id: str, cut: int, target: int, interval: int,
+                             report: RetentionReport, work_dir: str | None, chunk_bytes: int) -> None:
+    """Keep failover of the newest points short: a checkpoint at `target` (the newest kept point's seq - 1)
+    once `interval` segments separate it from the newest checkpoint; then only the compaction checkpoint
+    and this one stay (the ones between are a speed-up only: every segment after `cut` is still there)."""
+    objects = await list_checkpoint_objects(repo, disk_id)
+    complete = [c for c, names in objects.items() if manifest_name(disk_id, c) in names]
+    if target <= cut or target - max(complete, default=0) < interval:
+        return
+    manifest, written = await build_checkpoint(repo, disk_id, target, work_dir, chunk_bytes)
+    report.checkpoints_written += [n for n in written if n.endswith("/manifest")]
+    wanted = {manifest_name(disk_id, target)} | {chunk_name(disk_id, target, i) for i in manifest.present}
+    for c, names in sorted((await list_checkpoint_objects(repo, disk_id)).items()):
+        if cut < c <= target:
+            await _delete_checkpoint(repo, names, wanted if c == target else set(), report)
 
 
 async def apply_retention(repo: Repository, machine: str, policy: RetentionPolicy,
@@ -263,7 +298,8 @@ async def apply_retention(repo: Repository, machine: str, policy: RetentionPolic
         raise PointNotFound(f"any point of machine {machine}")
     report = RetentionReport(machine, bytes_before=await _machine_bytes(repo, machine))
     keep = points_to_keep(mine, policy, now, complete_group_times(everything))
-    await _enforce(repo, machine, mine, keep, report, work_dir, chunk_bytes, fail_at)
+    await _enforce(repo, machine, mine, keep, report, work_dir, chunk_bytes, fail_at,
+                   policy.checkpoint_interval_segments)
     report.bytes_after = await _machine_bytes(repo, machine)
     return report
 

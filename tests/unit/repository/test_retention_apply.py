@@ -195,3 +195,31 @@ async def test_a_damaged_catalog_entry_stops_retention_before_anything_is_delete
     with pytest.raises(IntegrityError):
         await apply_retention(repo, "web01", RetentionPolicy(HOUR, HOUR), NOW, chunk_bytes=CHUNK)
     assert await repo.backend.list("") == names
+
+
+async def test_a_recent_checkpoint_keeps_failover_of_new_points_short_however_long_the_window(repo, tmp_path):
+    sds, expected = await history(repo, disks=("sda",), hours=6)   # 13 points, 26 segments, nothing to drop
+    policy = RetentionPolicy(15 * DAY, 2 * HOUR, checkpoint_interval_segments=8)
+    report = await apply_retention(repo, "web01", policy, NOW, chunk_bytes=CHUNK)
+    sd = sds[0]
+    # ages 0..6 h at 30 min, a 15-day window with 4 h buckets: the keep-all points, then (2,4], (4,8] h
+    assert len(report.kept_points) == 5 + 2 and report.segments_deleted > 0
+    newest = max(await repo.list_points(sd.disk_id), key=lambda e: e.seq)
+    oldest = min(await repo.list_points(sd.disk_id), key=lambda e: e.seq)
+    assert await list_checkpoints(repo, sd.disk_id) == [oldest.seq - 1, newest.seq - 1]
+    result = await materialize(repo, newest, str(tmp_path / "new.img"))
+    assert result.checkpoint_seq == newest.seq - 1 and result.segments == 1
+    assert await failover_all(repo, tmp_path, expected) == set(report.kept_points)
+    # Fewer than 8 new segments: no new checkpoint; 8 or more: it replaces the previous recent one.
+    for i in range(3):
+        expected[f"n{i}"] = {sd.disk_id: await sd.segment(sd.random_writes(2), f"n{i}", NOW + i)}
+    await apply_retention(repo, "web01", policy, NOW + 10, chunk_bytes=CHUNK)
+    assert await list_checkpoints(repo, sd.disk_id) == [oldest.seq - 1, newest.seq - 1]
+    for i in range(3, 8):
+        expected[f"n{i}"] = {sd.disk_id: await sd.segment(sd.random_writes(2), f"n{i}", NOW + i)}
+    report = await apply_retention(repo, "web01", policy, NOW + 10, chunk_bytes=CHUNK)
+    assert await list_checkpoints(repo, sd.disk_id) == [oldest.seq - 1, sd.seq - 1]
+    # 10 s later the point 2 h old left the keep-all window and thinned the one at 2.5 h
+    assert await failover_all(repo, tmp_path, expected) == set(report.kept_points)
+    assert {f"n{i}" for i in range(8)} <= set(report.kept_points) and len(report.kept_points) == 6 + 8
+    assert not (await verify_repository(repo)).problems
