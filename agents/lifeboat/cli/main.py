@@ -236,6 +236,9 @@ async def cmd_verify(args) -> int:
     for name, what in report.problems:
         print(f"DAMAGED {name}: {what}")
     print(f"checked {report.checked} objects, {report.bytes} segment bytes, {len(report.problems)} problems")
+    if report.unreferenced:
+        print(f"{len(report.unreferenced)} checkpoint chunk(s) no manifest lists (an interrupted retention pass; "
+              f"the next 'lifeboat retention apply' deletes them), e.g. {report.unreferenced[0]}")
     if report.problems:
         print(f"first damaged object: {report.problems[0][0]}", file=sys.stderr)
         return 1

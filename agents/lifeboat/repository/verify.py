@@ -62,7 +62,7 @@ async def verify_repository(repo: Repository, progress=None) -> VerifyReport:
                     chunk = ckfmt.chunk_name(disk_id, seq, i)
                     referenced.add(chunk)
                     try:
-                        report.bytes += len(await read_chunk(repo, manifest, i))
+                        await read_chunk(repo, manifest, i)
                     except IntegrityError as exc:
                         report.problems.append((exc.object_name, str(exc)))
                         bad = True
