@@ -17,9 +17,11 @@
 # kept point's seq - 1): chunks first, then its manifest; 3. delete segments 1..C; 4. delete older
 # checkpoints and leftovers of interrupted builds; 5. when checkpoint_interval_segments segments lie
 # between the newest checkpoint and the newest kept point, a checkpoint just before that point (and
-# the ones between C and it go: a speed-up only, every segment after C is still there). Segments after C are never touched, so the newest
-# segment (which the uploader and ProcessServer._adopt number from) always stays. A disk without any
-# kept point (a disk still in its initial copy) is left alone.
+# the ones between C and it go: a speed-up only, every segment after C is still there). Segments after
+# C are never touched, so the newest segment (which the uploader and ProcessServer._adopt number from)
+# always stays. A disk without any kept point (a disk still in its initial copy) is left alone.
+# One pass per machine at a time (the configuration server serialises its jobs); a failover that runs
+# during a pass may find a checkpoint or segment it started from gone and fails (never silently wrong).
 
 from __future__ import annotations
 
