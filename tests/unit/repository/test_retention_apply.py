@@ -223,3 +223,34 @@ async def test_a_recent_checkpoint_keeps_failover_of_new_points_short_however_lo
     assert await failover_all(repo, tmp_path, expected) == set(report.kept_points)
     assert {f"n{i}" for i in range(8)} <= set(report.kept_points) and len(report.kept_points) == 6 + 8
     assert not (await verify_repository(repo)).problems
+
+
+async def test_group_points_survive_on_every_member_or_on_none(repo, tmp_path):
+    """Two members with clocks 40 s apart, a group point every 30 min and solo points on one member only:
+    after each member's own pass, every group tag left is complete and fails over bit-exact on both."""
+    from lifeboat.cli.points import group_points
+    members = ("db01", "web01")
+    disks = {m: SyntheticDisk(repo, m, "sda", DISK_BYTES, seed=i + 5) for i, m in enumerate(members)}
+    expected: dict[str, dict[str, str]] = {}
+    for i in range(25):
+        age = (24 - i) * 30 * 60.0
+        for m, sd in disks.items():
+            skew = 40.0 if m == "db01" else 0.0
+            pid = f"{m}-g{i:02d}"
+            expected[pid] = {sd.disk_id: await sd.segment(sd.random_writes(2), pid, NOW - age + skew, "crash",
+                                                          group="g1", group_tag=f"t{i:02d}", group_members=members)}
+            if m == "db01" and i % 6 == 3:
+                spid = f"db01-s{i:02d}"
+                expected[spid] = {sd.disk_id: await sd.segment(sd.random_writes(2), spid, NOW - age + 600)}
+    policy = RetentionPolicy(6 * HOUR, 2 * HOUR)
+    tags_before = {g.tag for g in group_points(await repo.list_points(), "g1").points}
+    for m in members:
+        await apply_retention(repo, m, policy, NOW, chunk_bytes=CHUNK)
+    listing = group_points(await repo.list_points(), "g1")
+    assert not listing.incomplete, listing.incomplete
+    kept_tags = {g.tag for g in listing.points}
+    assert 5 + 4 <= len(kept_tags) < len(tags_before)
+    for m in members:
+        assert await failover_all(repo, tmp_path, expected, m)
+        tags = {e.group_tag for e in await repo.list_points() if e.machine == m and e.group_tag}
+        assert tags == kept_tags
