@@ -21,6 +21,7 @@ import time
 import traceback
 
 from . import ceiling, replication
+from . import failover_log_growth
 from .common import AGENT_POOL_BYTES, MB, MiB, Row, format_table, median, not_measured, read_through
 from .initial_replication import generate_image, parse_size, sha256
 
@@ -192,8 +193,10 @@ def run(args, size: int, reps: int, work: str) -> list[Row]:
                      "needs root, loop devices, tracefs: run bench/cycle.py"),
         not_measured("PS peak RSS, 8 agents × 512 MiB", "≤ 256 MiB", "not in this suite yet"),
         not_measured("scaling 1/4/16 disks", "—", "not in this suite yet"),
-        not_measured("failover time as the log grows", "flat", "no checkpoints yet"),
     ]
+    # Replay time with and without a checkpoint (bench/failover_log_growth.py; its own small disk).
+    rows.append(failover_log_growth.row(os.path.join(work, "log-growth"), 8 * MiB if args.smoke else 64 * MiB,
+                                        4 if args.smoke else 50, reps))
     return rows
 
 

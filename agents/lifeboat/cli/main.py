@@ -25,6 +25,7 @@ from ..control.auth import new_passphrase, new_token
 from .control import write_secret
 from .control_args import add_api_args, api_configured
 from .control_failover import control_failover
+from . import retention_cmd
 from .points import GroupFailoverRefused, group_points, machine_points, point_group, resolve, resolve_group
 from .repo_args import add_repo_args, open_from_args
 
@@ -252,6 +253,9 @@ async def cmd_verify(args) -> int:
     for name, what in report.problems:
         print(f"DAMAGED {name}: {what}")
     print(f"checked {report.checked} objects, {report.bytes} segment bytes, {len(report.problems)} problems")
+    if report.unreferenced:
+        print(f"{len(report.unreferenced)} checkpoint chunk(s) no manifest lists (an interrupted retention pass; "
+              f"the next 'lifeboat retention apply' deletes them), e.g. {report.unreferenced[0]}")
     if report.problems:
         print(f"first damaged object: {report.problems[0][0]}", file=sys.stderr)
         return 1
@@ -323,6 +327,7 @@ def parser() -> argparse.ArgumentParser:
     doctor.add_parser(sub)
     control.add_parser(sub)
     inventory.add_parser(sub)
+    retention_cmd.add_parser(sub)
     return ap
 
 

@@ -13,6 +13,7 @@ from ..core.digest import block_digest, image_digest
 from ..core.errors import IntegrityError, LifeboatError, ObjectNotFound, PointIncomplete
 from ..core.segment import SegmentReader
 from ..core.wire import FRAME_WRITE, FRAME_ZERO
+from .checkpoints import list_checkpoints, read_manifest, write_checkpoint_to
 from .repo import Repository, segment_name
 
 ZERO_CHUNK_BYTES = 1024 * 1024
@@ -27,6 +28,7 @@ class MaterializeResult:
     segments: int
     written_bytes: int
     image_digest: str
+    checkpoint_seq: int = 0   # the checkpoint replay started from (0: the log's start)
 
 
 def _open_target(path: str, size: int, overwrite: bool) -> tuple[int, bool]:
@@ -98,17 +100,39 @@ def image_digest_of(fd: int, size: int, block_size: int) -> str:
     return image_digest(digests)
 
 
+async def _replay_base(repo: Repository, entry: PointEntry, seqs: list[int]):
+    """The newest usable checkpoint before the point (None: replay from segment 1) and the segments after it.
+
+    A checkpoint at seq C is the image after segment C, so a point in segment S can start from any C < S.
+    A checkpoint whose manifest is damaged is skipped for an older one (or the full log) when that one's
+    segments are all still there; otherwise the point is reported incomplete, naming what is missing.
+    """
+    have = set(seqs)
+    damaged: list[str] = []
+    for c in sorted((c for c in await list_checkpoints(repo, entry.disk_id) if c < entry.seq), reverse=True):
+        if any(s not in have for s in range(c + 1, entry.seq + 1)):
+            continue
+        try:
+            return await read_manifest(repo, entry.disk_id, c), list(range(c + 1, entry.seq + 1)), damaged
+        except IntegrityError as exc:
+            damaged.append(str(exc))
+    missing = sorted(set(range(1, entry.seq + 1)) - have)
+    if missing:
+        why = f"; damaged checkpoint: {damaged[0]}" if damaged else ""
+        raise PointIncomplete(entry.point_id, f"segment {segment_name(entry.disk_id, missing[0])} is missing "
+                              f"({len(missing)} of {entry.seq} needed segments absent) and no checkpoint covers it{why}")
+    return None, list(range(1, entry.seq + 1)), damaged
+
+
 async def materialize(repo: Repository, entry: PointEntry, target: str, overwrite: bool = False,
                       progress: Callable[[int, int], None] | None = None) -> MaterializeResult:
-    """Replay segments 1..entry.seq (the last one up to the bookmark) into target.
+    """Write the newest checkpoint before the point, then replay the segments after it up to the bookmark.
 
-    Memory is bounded by two segments (the one being applied and the next one, prefetched).
+    Memory is bounded by two segments (the one being applied and the next one, prefetched) or two
+    checkpoint chunks.
     """
     seqs = await repo.list_segments(entry.disk_id)
-    missing = sorted(set(range(1, entry.seq + 1)) - set(seqs))
-    if missing:
-        raise PointIncomplete(entry.point_id, f"segment {segment_name(entry.disk_id, missing[0])} is missing "
-                              f"({len(missing)} of {entry.seq} needed segments absent)")
+    base, needed, _damaged = await _replay_base(repo, entry, seqs)
     fd, is_device = await asyncio.to_thread(_open_target, target, entry.disk_size, overwrite)
     written = 0
     try:
@@ -118,8 +142,13 @@ async def materialize(repo: Repository, entry: PointEntry, target: str, overwrit
             except ObjectNotFound:
                 raise PointIncomplete(entry.point_id, f"segment {segment_name(entry.disk_id, seq)} vanished") from None
 
-        nxt = asyncio.ensure_future(fetch(1))
-        for seq in range(1, entry.seq + 1):
+        if base is not None:
+            try:
+                written += await write_checkpoint_to(repo, base, fd, entry.disk_size, is_device)
+            except IntegrityError as exc:
+                raise PointIncomplete(entry.point_id, f"it needs {exc.object_name}, which is damaged: {exc}") from None
+        nxt = asyncio.ensure_future(fetch(needed[0]))
+        for pos, seq in enumerate(needed):
             try:
                 reader = await nxt
             except IntegrityError as exc:
@@ -133,7 +162,7 @@ async def materialize(repo: Repository, entry: PointEntry, target: str, overwrit
                 raise PointIncomplete(entry.point_id, f"it needs {exc.object_name}, which is damaged: {exc}") from None
             del reader
             if progress:
-                progress(seq, entry.seq)
+                progress(pos + 1, len(needed))
         await asyncio.to_thread(os.fsync, fd)
         digest = await asyncio.to_thread(image_digest_of, fd, entry.disk_size, entry.block_size)
     except BaseException:
@@ -148,4 +177,5 @@ async def materialize(repo: Repository, entry: PointEntry, target: str, overwrit
     if entry.image_digest and digest != entry.image_digest:
         raise PointIncomplete(entry.point_id, f"the recovered image's digest {digest} differs from the digest the agent "
                               f"recorded ({entry.image_digest}); the image at {target} is not trustworthy")
-    return MaterializeResult(target, entry.disk_id, entry.point_id, entry.seq, written, digest)
+    return MaterializeResult(target, entry.disk_id, entry.point_id, len(needed), written, digest,
+                             base.seq if base is not None else 0)

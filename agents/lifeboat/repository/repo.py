@@ -32,6 +32,7 @@ class Repository:
         # Separate subkeys so that no ciphertext of one kind can be presented as another.
         self.segment_key = crypto.derive_subkey(master, b"lifeboat-segment")
         self.object_key = crypto.derive_subkey(master, b"lifeboat-object")
+        self.checkpoint_key = crypto.derive_subkey(master, b"lifeboat-checkpt")
         self._master = master
 
     def __repr__(self) -> str:
@@ -101,6 +102,9 @@ class Repository:
             if tail.isdigit():
                 seqs.append(int(tail))
         return sorted(seqs)
+
+    async def delete_segment(self, disk_id: str, seq: int) -> None:
+        await self.backend.delete(segment_name(disk_id, seq))
 
     async def list_disks(self) -> list[str]:
         return sorted({n.split("/")[1] for n in await self.backend.list("disks/") if n.count("/") >= 3})

@@ -1,4 +1,4 @@
-"""Read and authenticate every repository object; report each damaged one by name."""
+"""Read and authenticate every repository object; report each damaged one, and each missing one a point needs."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 
-from ..core.errors import LifeboatError
+from ..core import checkpoint as ckfmt
+from ..core.errors import IntegrityError, LifeboatError
 from ..core.wire import FRAME_BOOKMARK
+from .checkpoints import read_chunk, read_manifest
 from .repo import CONFIG_NAME, Repository, segment_name
 
 
@@ -16,6 +18,18 @@ class VerifyReport:
     checked: int = 0
     bytes: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)  # (object name, what is wrong)
+    unreferenced: list[str] = field(default_factory=list)   # chunks of interrupted checkpoint builds
+
+
+def _missing_ranges(seqs: list[int]) -> str:
+    runs, start = [], None
+    for i, s in enumerate(seqs):
+        if start is None:
+            start = s
+        if i + 1 == len(seqs) or seqs[i + 1] != s + 1:
+            runs.append(f"{start}" if start == s else f"{start}..{s}")
+            start = None
+    return ", ".join(runs)
 
 
 async def verify_repository(repo: Repository, progress=None) -> VerifyReport:
@@ -23,6 +37,10 @@ async def verify_repository(repo: Repository, progress=None) -> VerifyReport:
     backend = repo.backend
     names = await backend.list("")
     known_segments: set[str] = set()
+    checkpoints: dict[str, set[int]] = {}      # disk -> seqs of intact checkpoints
+    chunk_names = [n for n in names if (p := ckfmt.parse_object_name(n)) and p[2] != "manifest"]
+    referenced: set[str] = set()
+    points = []
     for name in names:
         report.checked += 1
         try:
@@ -34,11 +52,28 @@ async def verify_repository(repo: Repository, progress=None) -> VerifyReport:
                 report.bytes += len(reader.data)
                 await asyncio.to_thread(reader.verify_all)
                 known_segments.add(name)
+            elif (parsed := ckfmt.parse_object_name(name)) is not None:
+                if parsed[2] != "manifest":
+                    continue   # authenticated through its manifest
+                disk_id, seq, _ = parsed
+                manifest = await read_manifest(repo, disk_id, seq)
+                bad = False
+                for i in manifest.present:
+                    chunk = ckfmt.chunk_name(disk_id, seq, i)
+                    referenced.add(chunk)
+                    try:
+                        await read_chunk(repo, manifest, i)
+                    except IntegrityError as exc:
+                        report.problems.append((exc.object_name, str(exc)))
+                        bad = True
+                if not bad:
+                    checkpoints.setdefault(disk_id, set()).add(seq)
             elif name.startswith("points/"):
                 entry = await repo.read_point(name)
                 seg = segment_name(entry.disk_id, entry.seq)
                 if seg not in names:
                     raise LifeboatError(f"refers to {seg}, which does not exist")
+                points.append((name, entry))
                 reader = await repo.read_segment(entry.disk_id, entry.seq)
                 if entry.frame_index >= len(reader.entries) or reader.entries[entry.frame_index].kind != FRAME_BOOKMARK:
                     raise LifeboatError(f"frame {entry.frame_index} of {seg} is not its bookmark")
@@ -51,4 +86,13 @@ async def verify_repository(repo: Repository, progress=None) -> VerifyReport:
             report.problems.append((getattr(exc, "object_name", name), what))
         if progress:
             progress(report.checked, len(names))
+    # A log whose early segments were compacted away is complete when a checkpoint before the point covers them.
+    present = set(names)
+    for name, entry in points:
+        base = max((c for c in checkpoints.get(entry.disk_id, ()) if c < entry.seq), default=0)
+        missing = [s for s in range(base + 1, entry.seq + 1) if segment_name(entry.disk_id, s) not in present]
+        if missing:
+            report.problems.append((name, f"needs segment(s) {_missing_ranges(missing)} of {entry.disk_id}, which are "
+                                          f"gone, and no checkpoint covers them"))
+    report.unreferenced = sorted(set(chunk_names) - referenced)
     return report

@@ -5,15 +5,36 @@ import re
 import struct
 from pathlib import Path
 
+import importlib
+import pkgutil
+
+import lifeboat
 import lifeboat.core as core
-from lifeboat.core import compression, crypto, keys, sealed, segment, wire, catalog
-from lifeboat.mobility import change_log, digest_map, group_wire
-from lifeboat.control import auth, inventory, store
-from lifeboat.process_server import ingest
 
 DOC = Path(core.__file__).with_name("FORMATS.md")
-MODULES = {m.__name__.rsplit(".", 1)[1]: m for m in (compression, crypto, keys, sealed, segment, wire, catalog, digest_map,
-                                                        change_log, group_wire, auth, store, inventory, ingest)}
+
+
+def _modules_by_short_name() -> dict[str, list[str]]:
+    """Every lifeboat module by its last name component (FORMATS.md tables say `module.CONSTANT`)."""
+    found: dict[str, list[str]] = {}
+    for info in pkgutil.walk_packages(lifeboat.__path__, "lifeboat."):
+        if not info.ispkg:
+            found.setdefault(info.name.rsplit(".", 1)[1], []).append(info.name)
+    return found
+
+
+_MODULE_NAMES = _modules_by_short_name()
+
+
+class _LazyModules(dict):
+    def __missing__(self, short: str):
+        names = _MODULE_NAMES.get(short, [])
+        assert len(names) == 1, f"FORMATS.md names module {short!r}, which matches {names or 'no module'}"
+        module = self[short] = importlib.import_module(names[0])
+        return module
+
+
+MODULES = _LazyModules()
 ROW = re.compile(r"^\|\s*`(\w+)\.(\w+)`\s*\|\s*`([^`]+)`\s*\|")
 
 
@@ -44,7 +65,7 @@ def test_every_format_constant_in_the_code_is_documented():
     documented = {(m, n) for m, n, _ in doc_constants()}
     pattern = re.compile(r"(MAGIC|VERSION|_HEADER$|ENTRY$|TRAILER$|^FRAME_|CHECKSUM$)")
     missing = []
-    for mod_name in ("wire", "segment", "sealed", "keys", "digest_map", "change_log", "group_wire"):
+    for mod_name in ("wire", "segment", "sealed", "keys", "digest_map", "change_log", "group_wire", "checkpoint"):
         source = Path(MODULES[mod_name].__file__).read_text()
         for name, value in vars(MODULES[mod_name]).items():
             defined_here = re.search(rf"^{name}\s*=", source, re.M)
