@@ -20,7 +20,7 @@ from ..repository.open import backend_from_url
 from ..repository.repo import Repository
 from ..repository.verify import verify_repository
 from ..mobility.group_wire import NAME_RE
-from . import doctor
+from . import azure_failover, doctor
 from .points import GroupFailoverRefused, group_points, machine_points, point_group, resolve, resolve_group
 from .repo_args import add_repo_args, open_from_args
 
@@ -193,8 +193,12 @@ async def cmd_failover(args) -> int:
     if not args.test:
         raise LifeboatError("only test failover (--test) is available in this release; production failover "
                             "to Azure comes with the configuration-server role")
+    if not args.to and not args.to_azure:
+        raise LifeboatError("name the target: --to PATH (a local image or directory) or --to-azure CONTAINER[/PREFIX]")
     repo = await open_from_args(args)
     try:
+        if args.to_azure:
+            return await azure_failover.run(args, repo, _progress)
         if args.group:
             return await _failover_group(args, repo)
         damaged: list[IntegrityError] = []
@@ -285,9 +289,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--group", help="fail over every member of this consistency group at one group point "
                                    "(--to is then a directory)")
     p.add_argument("--disk", help="only this disk (as named in the agent config)")
-    p.add_argument("--to", required=True, help="image file (one disk) or directory (one <disk-id>.img per disk)")
+    p.add_argument("--to", help="image file (one disk) or directory (one <disk-id>.img per disk)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing image file")
     p.add_argument("-q", "--quiet", action="store_true")
+    azure_failover.add_args(p)
     p.set_defaults(fn=cmd_failover)
 
     p = sub.add_parser("verify", help="read and authenticate every repository object")
