@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import os
 import re
 import stat
@@ -278,8 +277,9 @@ class PageBlobTarget:
                 data = await asyncio.to_thread(_read_range, fd, offset, length, disk_size)
                 if not await asyncio.to_thread(_is_zero, data):
                     md5 = await asyncio.to_thread(_md5, data)
+                    # Bytes, not a stream: the SDK slices the page (page[:length]).
                     await self._retry(f"write pages at {offset}+{length}", name, lambda: blob.upload_page(
-                        io.BytesIO(data), offset, length, transactional_content_md5=md5))
+                        data, offset, length, transactional_content_md5=md5))
                     uploaded += min(length, disk_size - offset)
                 done = max(done, min(offset + length, disk_size))
                 if progress:

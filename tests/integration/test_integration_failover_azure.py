@@ -1,0 +1,148 @@
+"""Failover to an Azure page blob (Azurite): a fixed VHD whose footer parses and whose data is the point."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+
+import pytest
+from azure.storage.blob import BlobServiceClient
+
+from disk_images import make_image, scribble
+from lab import Lab, sha256_file
+from lifeboat.cli.main import main
+from lifeboat.repository.vhd import VHD_FOOTER_BYTES, chs_geometry, parse_footer, rounded_size
+from test_integration_cli_group import GROUP, Deployment
+
+MiB = 1024 * 1024
+
+
+def download(conn: str, url: str) -> bytes:
+    """The whole blob behind url (container/blob after the account in an Azurite URL)."""
+    container, blob = re.match(r"http://127\.0\.0\.1:\d+/devstoreaccount1/([^/]+)/(.+)$", url).groups()
+    client = BlobServiceClient.from_connection_string(conn)
+    props = client.get_blob_client(container, blob).get_blob_properties()
+    assert props.blob_type == "PageBlob"
+    return client.get_blob_client(container, blob).download_blob().readall()
+
+
+def check_vhd(blob: bytes, disk_size: int, want_sha256: str) -> None:
+    """The Must-show check: the last 512 bytes are a fixed VHD footer of the rounded size with a good
+    checksum (parse_footer checks it), and the data part is the point's image plus zero padding."""
+    vhd_size = rounded_size(disk_size)
+    assert len(blob) == vhd_size + VHD_FOOTER_BYTES
+    footer = parse_footer(blob[-VHD_FOOTER_BYTES:])
+    assert footer.current_size == footer.original_size == vhd_size
+    assert (footer.cylinders, footer.heads, footer.sectors_per_track) == chs_geometry(vhd_size)
+    assert hashlib.sha256(blob[:disk_size]).hexdigest() == want_sha256
+    assert blob[disk_size:vhd_size] == bytes(vhd_size - disk_size)
+
+
+def test_failover_to_azurite_page_blob_is_a_fixed_vhd_of_the_point(tmp_path, azurite):
+    lab = Lab(tmp_path / "lab")
+    try:
+        # Not a whole number of MiB, so the VHD needs padding; sparse, so holes are skipped.
+        disk = make_image(tmp_path / "sda.img", 9, seed=5)
+        disk_size = 9 * MiB - 12 * 4096
+        os.truncate(disk, disk_size)
+        lab.start_ps()
+        expected = []
+        for cycle in range(2):
+            if cycle:
+                scribble(disk, 30, seed=cycle)
+            assert lab.run_agent("web01", {"sda": str(disk)}, cycles=1) == 0
+            expected.append(sha256_file(disk))
+        points = lab.wait_points(2)
+        conn_file = tmp_path / "target.conn"
+        conn_file.write_text(azurite)
+        container = f"dr-{uuid.uuid4().hex[:12]}"
+        out_dir = tmp_path / "failover"
+        # The older point, with the read-back pass: the latest must not be what we get by accident.
+        res = lab.failover(points[0]["point_id"], out_dir, "--to-azure", f"{container}/drill1",
+                           "--to-azure-connection-string-file", str(conn_file), "--verify-upload")
+        assert res.returncode == 0, res.stderr
+        rows = [json.loads(line) for line in res.stdout.splitlines()]
+        disk_row, machine_row = rows
+        assert disk_row["blob_url"].endswith(f"/{container}/drill1/web01.sda.vhd")
+        assert disk_row["disk_size"] == disk_size and disk_row["vhd_size"] == 9 * MiB and disk_row["read_back"]
+        # Holes and zero ranges are not sent (the image is ~30% zeros in 64 KiB runs; 4 MiB ranges).
+        assert 0 < disk_row["uploaded_bytes"] <= disk_size
+        check_vhd(download(azurite, disk_row["blob_url"]), disk_size, expected[0])
+        assert not (out_dir / "web01.sda.img").exists(), "the staging image is removed after the upload"
+
+        descriptor = json.loads(Path(machine_row["machine_descriptor"]).read_text())
+        assert descriptor["point_id"] == points[0]["point_id"] and descriptor["machine"] == "web01"
+        assert [d["blob_url"] for d in descriptor["disks"]] == [disk_row["blob_url"]]
+        assert descriptor["disks"][0]["padding_bytes"] == 9 * MiB - disk_size
+        template = json.loads(Path(machine_row["arm_template"]).read_text())
+        assert [r["properties"]["creationData"]["sourceUri"] for r in template["resources"]
+                if r["type"] == "Microsoft.Compute/disks"] == [disk_row["blob_url"]]
+
+        # The latest point into the same container; existing blobs are refused without --overwrite.
+        res = lab.failover("latest", out_dir, "--to-azure", f"{container}/drill1",
+                           "--to-azure-connection-string-file", str(conn_file))
+        assert res.returncode != 0 and "exists; pass --overwrite" in res.stderr
+        res = lab.failover("latest", out_dir, "--to-azure", f"{container}/drill1", "--overwrite", "--keep-staging",
+                           "--to-azure-connection-string-file", str(conn_file))
+        assert res.returncode == 0, res.stderr
+        row = json.loads(res.stdout.splitlines()[0])
+        check_vhd(download(azurite, row["blob_url"]), disk_size, expected[1])
+        assert sha256_file(row["staging"]) == expected[1]
+    finally:
+        lab.close()
+
+
+def test_group_failover_to_azurite_writes_every_members_vhd_and_template(tmp_path, capsys, azurite):
+    dep = Deployment(tmp_path, capsys)
+
+    async def fill() -> None:
+        await dep.cycle("db01", "db01-g1", 100.0, "app", tag="g1")
+        await dep.cycle("web01", "web01-g1", 100.5, "app", tag="g1")
+    asyncio.run(fill())
+    conn_file = tmp_path / "target.conn"
+    conn_file.write_text(azurite)
+    container = f"dr-{uuid.uuid4().hex[:12]}"
+    out_dir = tmp_path / "dr"
+    code = main(["failover", *dep.repo_args, "--test", "--group", GROUP, "--to", str(out_dir), "-q",
+                 "--to-azure", container, "--to-azure-connection-string-file", str(conn_file), "--os-disk", "sda"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    disks = {r["disk_id"]: r for r in rows if "disk_id" in r}
+    assert sorted(disks) == ["db01.sda", "web01.sda", "web01.sdb"]
+    for disk_id, r in disks.items():
+        want = hashlib.sha256(dep.expected[(r["point_id"], disk_id)]).hexdigest()
+        check_vhd(download(azurite, r["blob_url"]), r["disk_size"], want)
+        assert r["blob_url"].endswith(f"/{container}/{disk_id}.vhd")
+    machines = {r["machine"]: r for r in rows if "arm_template" in r}
+    assert sorted(machines) == ["db01", "web01"]
+    web = json.loads(Path(machines["web01"]["arm_template"]).read_text())
+    vm = next(r for r in web["resources"] if r["type"] == "Microsoft.Compute/virtualMachines")
+    assert vm["properties"]["storageProfile"]["osDisk"]["managedDisk"]["id"].endswith("'-sda'))]")
+    assert len(vm["properties"]["storageProfile"]["dataDisks"]) == 1
+    assert sorted(p.name for p in out_dir.iterdir()) == ["db01.arm.json", "db01.machine.json",
+                                                         "web01.arm.json", "web01.machine.json"]
+
+
+def test_failover_to_azure_rejects_bad_targets_before_any_work(tmp_path, capsys, azurite):
+    dep = Deployment(tmp_path, capsys)
+    asyncio.run(dep.cycle("solo", "solo-1", 15.0))
+    conn_file = tmp_path / "target.conn"
+    conn_file.write_text(azurite)
+    base = ["failover", *dep.repo_args, "--test", "--to", str(tmp_path / "dr"), "-q"]
+    code = main([*base, "--to-azure", "Bad_Container", "--to-azure-connection-string-file", str(conn_file)])
+    assert code == 78 and "not an Azure container name" in capsys.readouterr().err
+    code = main([*base, "--to-azure", "okcontainer"])
+    assert code == 78 and "connection string" in capsys.readouterr().err
+    (tmp_path / "garbage.conn").write_text("not a connection string")
+    code = main([*base, "--to-azure", "okcontainer", "--to-azure-connection-string-file",
+                 str(tmp_path / "garbage.conn")])
+    assert code == 78 and "not a valid Azure Storage connection string" in capsys.readouterr().err
+    code = main(["failover", *dep.repo_args, "--test", "-q"])
+    assert code == 2 and "--to-azure CONTAINER" in capsys.readouterr().err
+    assert not (tmp_path / "dr").exists() or not any((tmp_path / "dr").iterdir())
