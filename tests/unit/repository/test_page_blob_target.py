@@ -1,0 +1,155 @@
+"""Page-blob target on Azurite: sparse ranges, zero skipping, Azure's limits, footer last, cleanup on failure."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import uuid
+
+import pytest
+from azure.storage.blob import BlobServiceClient
+
+from lifeboat.core.errors import ConfigError
+from lifeboat.repository.page_blob_target import (MAX_PAGE_BLOB_BYTES, PAGE_BYTES, PageBlobTarget,
+                                                  PageBlobTargetError, page_ranges, parse_target)
+from lifeboat.repository.vhd import parse_footer
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+def sparse_image(path, size: int, pieces: dict[int, bytes]) -> str:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in pieces.items():
+            f.seek(offset)
+            f.write(data)
+    return str(path)
+
+
+def test_page_ranges_cover_the_data_aligned_and_bounded(tmp_path):
+    size = 3 * MiB + 1000  # a tail that is not a whole page
+    pieces = {0: os.urandom(5000), 1 * MiB + 4096: os.urandom(300 * KiB), size - 700: os.urandom(700)}
+    path = sparse_image(tmp_path / "img", size, pieces)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        ranges = list(page_ranges(fd, size, 64 * KiB))
+    finally:
+        os.close(fd)
+    assert all(o % PAGE_BYTES == 0 and n % PAGE_BYTES == 0 and 0 < n <= 64 * KiB for o, n in ranges)
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(ranges, ranges[1:])), "sorted, never overlapping"
+    assert ranges[-1][0] + ranges[-1][1] == -(-size // PAGE_BYTES) * PAGE_BYTES
+    covered = set()
+    for o, n in ranges:
+        covered.update(range(o // PAGE_BYTES, (o + n) // PAGE_BYTES))
+    for offset, data in pieces.items():
+        assert set(range(offset // PAGE_BYTES, -(-(offset + len(data)) // PAGE_BYTES))) <= covered
+    # The holes (most of the 3 MiB) are not in any range.
+    assert len(covered) * PAGE_BYTES < 1 * MiB
+
+
+def test_parse_target_and_names():
+    assert parse_target("dr-drills") == ("dr-drills", "")
+    assert parse_target("dr-drills/2026/web01/") == ("dr-drills", "2026/web01/")
+    for bad in ("Dr", "a", "dr--x", "dr/../x y", "dr/a//b"):
+        with pytest.raises(ConfigError):
+            parse_target(bad)
+
+
+@pytest.fixture
+def container(azurite):
+    name = f"pb-{uuid.uuid4().hex[:12]}"
+    yield name
+    service = BlobServiceClient.from_connection_string(azurite)
+    try:
+        service.delete_container(name)
+    except Exception:  # noqa: BLE001 - a test may not have created it
+        pass
+
+
+def written_ranges(azurite: str, container: str, blob: str) -> list[tuple[int, int]]:
+    client = BlobServiceClient.from_connection_string(azurite).get_blob_client(container, blob)
+    return [(p.start, p.end + 1) for p in client.list_page_ranges()]
+
+
+def test_upload_is_the_image_then_padding_then_footer(tmp_path, azurite, container):
+    size = 2 * MiB + 3 * KiB
+    zero_run = bytes(256 * KiB)     # written zeros (not a hole): skipped by content, not by SEEK_DATA
+    pieces = {0: os.urandom(200 * KiB), 200 * KiB: zero_run, 456 * KiB: os.urandom(40 * KiB),
+              size - 3 * KiB: os.urandom(3 * KiB)}
+    path = sparse_image(tmp_path / "img", size, pieces)
+    progress: list[tuple[int, int]] = []
+
+    async def go():
+        async with PageBlobTarget(azurite, container, concurrency=3, range_bytes=64 * KiB) as target:
+            return await target.upload(path, "drill/web01.sda.vhd", verify=True,
+                                       progress=lambda d, t: progress.append((d, t)))
+    res = asyncio.run(go())
+    assert (res.disk_size, res.vhd_size, res.blob_size) == (size, 3 * MiB, 3 * MiB + 512)
+    assert res.verified and res.url.endswith(f"/{container}/drill/web01.sda.vhd")
+    blob = BlobServiceClient.from_connection_string(azurite).get_blob_client(container, "drill/web01.sda.vhd")
+    data = blob.download_blob().readall()
+    with open(path, "rb") as f:
+        want = f.read()
+    assert hashlib.sha256(data[:size]).digest() == hashlib.sha256(want).digest()
+    assert data[size:3 * MiB] == bytes(3 * MiB - size)
+    assert parse_footer(data[-512:]).current_size == 3 * MiB
+    # Only data was written: the zero run and the holes are not among the blob's page ranges.
+    pages = written_ranges(azurite, container, "drill/web01.sda.vhd")
+    assert (3 * MiB, 3 * MiB + 512) in pages or pages[-1][1] == 3 * MiB + 512
+    # 64 KiB ranges: 256..448 KiB hold only the written zeros, 528 KiB..2 MiB is a hole.
+    assert not any(s < 448 * KiB and e > 256 * KiB for s, e in pages), pages
+    assert not any(s < 2 * MiB and e > 512 * KiB for s, e in pages), pages
+    assert res.uploaded_bytes == sum(e - s for s, e in pages) - 512 < 320 * KiB
+    assert res.skipped_bytes == size - res.uploaded_bytes
+    assert progress[-1] == (size, size) and [d for d, _ in progress] == sorted(d for d, _ in progress)
+
+
+def test_existing_blob_is_refused_then_replaced_with_overwrite(tmp_path, azurite, container):
+    first = sparse_image(tmp_path / "a", 1 * MiB, {0: os.urandom(4096)})
+    second = sparse_image(tmp_path / "b", 2 * MiB, {MiB: os.urandom(4096)})
+
+    async def go():
+        async with PageBlobTarget(azurite, container) as target:
+            await target.upload(first, "x.vhd")
+            with pytest.raises(PageBlobTargetError, match="exists; pass --overwrite"):
+                await target.upload(second, "x.vhd")
+            return await target.upload(second, "x.vhd", overwrite=True)
+    res = asyncio.run(go())
+    data = BlobServiceClient.from_connection_string(azurite).get_blob_client(container, "x.vhd") \
+        .download_blob().readall()
+    assert res.blob_size == len(data) == 2 * MiB + 512
+    with open(second, "rb") as f:
+        assert data[:2 * MiB] == f.read()   # nothing of the first image is left (it had data at 0)
+
+
+def test_a_failed_upload_leaves_no_blob(tmp_path, azurite, container):
+    path = sparse_image(tmp_path / "img", 2 * MiB, {0: os.urandom(2 * MiB)})
+
+    def fail_after_first(done, total):
+        raise RuntimeError("operator pressed ctrl-c")
+
+    async def go():
+        async with PageBlobTarget(azurite, container, range_bytes=256 * KiB) as target:
+            with pytest.raises(RuntimeError, match="ctrl-c"):
+                await target.upload(path, "half.vhd", progress=fail_after_first)
+    asyncio.run(go())
+    names = [b.name for b in BlobServiceClient.from_connection_string(azurite).get_container_client(container)
+             .list_blobs()]
+    assert names == []
+
+
+def test_azure_limits_are_enforced_here(tmp_path, azurite, container):
+    huge = sparse_image(tmp_path / "huge", MAX_PAGE_BLOB_BYTES, {})  # 8 TiB sparse: + footer is too big
+
+    async def go():
+        async with PageBlobTarget(azurite, container) as target:
+            with pytest.raises(PageBlobTargetError, match=r"more than an Azure page blob's 8796093022208"):
+                await target.upload(huge, "huge.vhd")
+            with pytest.raises(ConfigError, match="blob name"):
+                await target.upload(huge, "x" * 1025)
+    asyncio.run(go())
+    with pytest.raises(ValueError, match="multiple of 512 up to 4194304"):
+        PageBlobTarget(azurite, container, range_bytes=8 * MiB)
+    with pytest.raises(ValueError, match="multiple of 512"):
+        PageBlobTarget(azurite, container, range_bytes=1000)
