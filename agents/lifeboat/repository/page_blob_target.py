@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import stat
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -123,9 +124,13 @@ def _read_range(fd: int, offset: int, length: int, size: int) -> bytes:
     return data + bytes(length - len(data)) if len(data) < length else data
 
 
+_ZEROS = bytes(MAX_PAGE_WRITE_BYTES)
+
+
 def _is_zero(data: bytes) -> bool:
-    # A zero range is skipped because a page blob reads zeros wherever nothing was written.
-    return not data.strip(b"\0")
+    """Whether a range is all zeros: skipped, because a page blob reads zeros where nothing was written."""
+    # bytes == bytes is a memcmp (~10 GB/s here); data.strip(b"\0") and memoryview == are ~100x slower.
+    return data == (_ZEROS if len(data) == len(_ZEROS) else _ZEROS[:len(data)])
 
 
 def _md5(data: bytes) -> bytes:
@@ -209,6 +214,7 @@ class PageBlobTarget:
         parsed. On failure the partial blob is deleted. progress(done, total) counts image bytes.
         """
         check_blob_name(blob_name)
+        started = time.monotonic()
         fd = os.open(image_path, os.O_RDONLY)
         try:
             disk_size = image_size(fd)
@@ -238,6 +244,10 @@ class PageBlobTarget:
             os.close(fd)
         if progress:
             progress(disk_size, disk_size)
+        # One canonical line per upload.
+        logger.info("page_blob_uploaded", OBJECT=blob_name, CONTAINER=self.container, disk_size=disk_size,
+                    vhd_size=vhd_size, uploaded_bytes=uploaded, verified=verify,
+                    seconds=round(time.monotonic() - started, 3))
         return PageBlobResult(blob.url, self.container, blob_name, disk_size, vhd_size, blob_size, uploaded,
                               disk_size - uploaded, verify)
 
@@ -275,7 +285,7 @@ class PageBlobTarget:
             # `concurrency` ranges are in memory.
             for offset, length in ranges:
                 data = await asyncio.to_thread(_read_range, fd, offset, length, disk_size)
-                if not await asyncio.to_thread(_is_zero, data):
+                if not _is_zero(data):  # ~0.4 ms per 4 MiB: cheaper than a thread hop
                     md5 = await asyncio.to_thread(_md5, data)
                     # Bytes, not a stream: the SDK slices the page (page[:length]).
                     await self._retry(f"write pages at {offset}+{length}", name, lambda: blob.upload_page(
