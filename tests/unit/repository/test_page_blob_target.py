@@ -11,7 +11,7 @@ import pytest
 from azure.storage.blob import BlobServiceClient
 
 from lifeboat.core.errors import ConfigError
-from lifeboat.repository.page_blob_target import (MAX_PAGE_BLOB_BYTES, PAGE_BYTES, PageBlobTarget,
+from lifeboat.repository.page_blob_target import (MAX_PAGE_BLOB_BYTES, PAGE_BYTES, PageBlobTarget, _nonzero_runs,
                                                   PageBlobTargetError, page_ranges, parse_target)
 from lifeboat.repository.vhd import parse_footer
 
@@ -153,3 +153,38 @@ def test_azure_limits_are_enforced_here(tmp_path, azurite, container):
         PageBlobTarget(azurite, container, range_bytes=8 * MiB)
     with pytest.raises(ValueError, match="multiple of 512"):
         PageBlobTarget(azurite, container, range_bytes=1000)
+
+
+def test_nonzero_runs_split_a_range_at_its_zero_pieces():
+    g = 4096
+    a, b, c = os.urandom(2 * g), os.urandom(g - 1) + b"\0", b"\0" * (g - 1) + b"\1"  # b, c: zero-edged but not zero
+    data = a + bytes(3 * g) + b + c + bytes(g)
+    runs = _nonzero_runs(data, g)
+    assert [(s, len(r)) for s, r, _ in runs] == [(0, 2 * g), (5 * g, 2 * g)]
+    rebuilt = bytearray(len(data))
+    for s, r, md5 in runs:
+        rebuilt[s:s + len(r)] = r
+        assert md5 == hashlib.md5(r).digest()
+    assert bytes(rebuilt) == data
+    assert _nonzero_runs(bytes(3 * g), g) == []
+    assert [(s, len(r)) for s, r, _ in _nonzero_runs(os.urandom(g + 512), g)] == [(0, g + 512)]
+
+
+def test_zeros_inside_a_range_are_not_sent(tmp_path, azurite, container):
+    # One 4 MiB range: data, 1 MiB of written zeros, data. Only the data's 64 KiB pieces are sent.
+    size = 4 * MiB
+    head, tail = os.urandom(100 * KiB), os.urandom(64 * KiB)
+    path = sparse_image(tmp_path / "img", size, {0: head, 100 * KiB: bytes(MiB), 2 * MiB: tail,
+                                                 2 * MiB + 64 * KiB: bytes(2 * MiB - 64 * KiB)})
+
+    async def go():
+        async with PageBlobTarget(azurite, container) as target:
+            return await target.upload(path, "z.vhd")
+    res = asyncio.run(go())
+    pages = written_ranges(azurite, container, "z.vhd")
+    assert pages == [(0, 128 * KiB), (2 * MiB, 2 * MiB + 64 * KiB), (4 * MiB, 4 * MiB + 512)], pages
+    assert res.uploaded_bytes == 192 * KiB
+    data = BlobServiceClient.from_connection_string(azurite).get_blob_client(container, "z.vhd") \
+        .download_blob().readall()
+    with open(path, "rb") as f:
+        assert data[:size] == f.read()
