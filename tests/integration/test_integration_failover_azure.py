@@ -146,3 +146,22 @@ def test_failover_to_azure_rejects_bad_targets_before_any_work(tmp_path, capsys,
     code = main(["failover", *dep.repo_args, "--test", "-q"])
     assert code == 2 and "--to-azure CONTAINER" in capsys.readouterr().err
     assert not (tmp_path / "dr").exists() or not any((tmp_path / "dr").iterdir())
+
+
+def test_repository_on_azure_and_target_default_to_the_same_account(tmp_path, azurite):
+    """Without --to-azure-connection-string-file the repository's account is the target (another container)."""
+    lab = Lab(tmp_path / "lab", repo_url=f"azure://repo-{uuid.uuid4().hex[:12]}", azure_connection_string=azurite)
+    try:
+        disk = make_image(tmp_path / "sda.img", 3, seed=9)
+        lab.start_ps()
+        assert lab.run_agent("db01", {"sda": str(disk)}, cycles=1) == 0
+        want = sha256_file(disk)
+        lab.wait_points(1)
+        container = f"dr-{uuid.uuid4().hex[:12]}"
+        res = lab.failover("latest", tmp_path / "out", "--to-azure", f"{container}/a/b")
+        assert res.returncode == 0, res.stderr
+        row = json.loads(res.stdout.splitlines()[0])
+        assert f"/{container}/a/b/db01.sda.vhd" in row["blob_url"] and row["vhd_size"] == 3 * MiB
+        check_vhd(download(azurite, row["blob_url"]), 3 * MiB, want)
+    finally:
+        lab.close()
