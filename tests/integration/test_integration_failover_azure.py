@@ -108,10 +108,13 @@ def test_group_failover_to_azurite_writes_every_members_vhd_and_template(tmp_pat
     conn_file.write_text(azurite)
     container = f"dr-{uuid.uuid4().hex[:12]}"
     out_dir = tmp_path / "dr"
-    code = main(["failover", *dep.repo_args, "--test", "--group", GROUP, "--to", str(out_dir), "-q",
+    code = main(["failover", *dep.repo_args, "--test", "--group", GROUP, "--to", str(out_dir),
                  "--to-azure", container, "--to-azure-connection-string-file", str(conn_file), "--os-disk", "sda"])
     out, err = capsys.readouterr()
     assert code == 0, err
+    # Without -q: a progress bar per disk for the replay and for the upload (stderr is not a TTY here).
+    for disk_id in ("db01.sda", "web01.sda", "web01.sdb"):
+        assert f"{disk_id} segments [" in err and f"{disk_id} upload MiB [" in err, err
     rows = [json.loads(line) for line in out.splitlines()]
     disks = {r["disk_id"]: r for r in rows if "disk_id" in r}
     assert sorted(disks) == ["db01.sda", "web01.sda", "web01.sdb"]
