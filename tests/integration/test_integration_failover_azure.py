@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import subprocess
 import uuid
 from pathlib import Path
 
@@ -43,6 +45,33 @@ def check_vhd(blob: bytes, disk_size: int, want_sha256: str) -> None:
     assert blob[disk_size:vhd_size] == bytes(vhd_size - disk_size)
 
 
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path:
+        return path
+    reason = f"{name} not found (install qemu-utils, listed in .ci/run)"
+    if os.environ.get("LIFEBOAT_REQUIRE_TOOLS") == "1":
+        pytest.fail(f"{reason}; LIFEBOAT_REQUIRE_TOOLS=1 forbids skipping", pytrace=False)
+    pytest.skip(reason)
+
+
+def qemu_reads_as(blob: bytes, tmp_path: Path, disk_size: int, want_sha256: str) -> None:
+    """An independent VHD reader: qemu-img takes the blob as a fixed VHD of the rounded size whose
+    first disk_size bytes are the point's image (want_sha256) and the rest zeros."""
+    vhd_size = rounded_size(disk_size)
+    qemu = require_tool("qemu-img")
+    vhd_path, raw = tmp_path / "downloaded.vhd", tmp_path / "downloaded.raw"
+    vhd_path.write_bytes(blob)
+    opts = f"driver=vpc,force_size_calc=current_size,file.filename={vhd_path}"  # as Azure: trust current_size
+    info = json.loads(subprocess.run([qemu, "info", "--output=json", "--image-opts", opts], check=True,
+                                     capture_output=True, text=True).stdout)
+    assert (info["format"], info["virtual-size"]) == ("vpc", vhd_size)
+    subprocess.run([qemu, "convert", "--image-opts", opts, "-O", "raw", str(raw)], check=True)
+    data = raw.read_bytes()
+    assert len(data) == vhd_size and data[disk_size:] == bytes(vhd_size - disk_size)
+    assert hashlib.sha256(data[:disk_size]).hexdigest() == want_sha256
+
+
 def test_failover_to_azurite_page_blob_is_a_fixed_vhd_of_the_point(tmp_path, azurite):
     lab = Lab(tmp_path / "lab")
     try:
@@ -72,7 +101,9 @@ def test_failover_to_azurite_page_blob_is_a_fixed_vhd_of_the_point(tmp_path, azu
         assert disk_row["disk_size"] == disk_size and disk_row["vhd_size"] == 9 * MiB and disk_row["read_back"]
         # Holes and zero ranges are not sent (the image is ~30% zeros in 64 KiB runs; 4 MiB ranges).
         assert 0 < disk_row["uploaded_bytes"] <= disk_size
-        check_vhd(download(azurite, disk_row["blob_url"]), disk_size, expected[0])
+        blob = download(azurite, disk_row["blob_url"])
+        check_vhd(blob, disk_size, expected[0])
+        qemu_reads_as(blob, tmp_path, disk_size, expected[0])
         assert not (out_dir / "web01.sda.img").exists(), "the staging image is removed after the upload"
 
         descriptor = json.loads(Path(machine_row["machine_descriptor"]).read_text())

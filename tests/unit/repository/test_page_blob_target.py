@@ -8,6 +8,8 @@ import os
 import uuid
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from azure.core.exceptions import ServiceResponseError
 from azure.storage.blob import BlobServiceClient
 from azure.storage.blob.aio import BlobClient as AioBlobClient
@@ -243,3 +245,28 @@ def test_transient_page_failures_are_retried(tmp_path, azurite, container, monke
     with open(path, "rb") as f:
         assert data[:2 * MiB] == f.read()
     assert parse_footer(data[-512:]).current_size == 2 * MiB
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(1, 64 * 1024 // 512).map(lambda n: n * 512 + 7),
+       st.lists(st.tuples(st.integers(0, 300_000), st.integers(1, 20_000)), max_size=6),
+       st.sampled_from([512, 4096, 65536]))
+def test_page_ranges_property(tmp_path, size_pages, writes, range_bytes):
+    """For any sparse layout: ranges are aligned, bounded, ordered, inside the image, and cover every written byte."""
+    size = size_pages
+    path = tmp_path / f"img-{uuid.uuid4().hex}"
+    pieces = {o: b"\1" * min(n, size - o) for o, n in writes if o < size}
+    sparse_image(path, size, pieces)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        ranges = list(page_ranges(fd, size, range_bytes))
+    finally:
+        os.close(fd)
+    end = -(-size // PAGE_BYTES) * PAGE_BYTES
+    assert all(o % PAGE_BYTES == 0 and n % PAGE_BYTES == 0 and 0 < n <= range_bytes and o + n <= end
+               for o, n in ranges)
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
+    covered = {p for o, n in ranges for p in range(o // PAGE_BYTES, (o + n) // PAGE_BYTES)}
+    for offset, data in pieces.items():
+        assert set(range(offset // PAGE_BYTES, (offset + len(data) - 1) // PAGE_BYTES + 1)) <= covered
+    os.unlink(path)
