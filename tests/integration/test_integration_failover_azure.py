@@ -199,3 +199,44 @@ def test_repository_on_azure_and_target_default_to_the_same_account(tmp_path, az
         check_vhd(download(azurite, row["blob_url"]), 3 * MiB, want)
     finally:
         lab.close()
+
+
+def test_failover_to_azure_checks_os_disk_and_existing_blobs_before_uploading(tmp_path, capsys, azurite):
+    dep = Deployment(tmp_path, capsys)
+
+    async def fill() -> None:
+        await dep.cycle("db01", "db01-g1", 100.0, "app", tag="g1")
+        await dep.cycle("web01", "web01-g1", 100.5, "app", tag="g1")
+    asyncio.run(fill())
+    conn_file = tmp_path / "target.conn"
+    conn_file.write_text(azurite)
+    container = f"dr-{uuid.uuid4().hex[:12]}"
+    out_dir = tmp_path / "dr"
+    base = ["failover", *dep.repo_args, "--test", "--group", GROUP, "--to", str(out_dir), "-q",
+            "--to-azure", container, "--to-azure-connection-string-file", str(conn_file)]
+    blobs = BlobServiceClient.from_connection_string(azurite).get_container_client(container)
+
+    # db01 has only sda: --os-disk sdb is refused before anything is written.
+    assert main([*base, "--os-disk", "sdb"]) == 2
+    assert "--os-disk 'sdb' is not a disk of db01 at point db01-g1 (it has sda)" in capsys.readouterr().err
+    assert not blobs.exists()
+
+    # A blob in the way of the last disk stops the failover before the first disk is materialised.
+    blobs.create_container()
+    blobs.upload_blob("web01.sdb.vhd", b"someone else's")
+    assert main(base) == 2
+    assert f"azure://{container}/web01.sdb.vhd exists; pass --overwrite" in capsys.readouterr().err
+    assert [b.name for b in blobs.list_blobs()] == ["web01.sdb.vhd"]
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+
+    # A failure after some disks were uploaded names the blobs that stay (complete VHDs).
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "web01.sda.img").write_bytes(b"a staging image left from another run")
+    blobs.delete_blob("web01.sdb.vhd")
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "web01.sda.img exists; pass --overwrite" in err
+    assert re.search(r"1 disk\(s\) were uploaded before the failure and stay \(complete VHDs\): "
+                     rf"http://\S+/{container}/db01\.sda\.vhd; run again with --overwrite", err), err
+    check_vhd(blobs.download_blob("db01.sda.vhd").readall(), len(dep.expected[("db01-g1", "db01.sda")]),
+              hashlib.sha256(dep.expected[("db01-g1", "db01.sda")]).hexdigest())

@@ -90,36 +90,64 @@ async def run(args, repo, progress: ProgressFactory | None) -> int:
                             "staging images and the machine descriptors")
     os.makedirs(out_dir, exist_ok=True)
     show = None if args.quiet else progress
-    async with PageBlobTarget(conn, container) as target:
+    if args.os_disk:
         for point, disk_ids in selected:
-            _warn_if_short_of_space(out_dir, [point.disks[d].disk_size for d in disk_ids])
-            disks = []
-            for disk_id in disk_ids:
-                entry = point.disks[disk_id]
-                staging = os.path.join(out_dir, f"{disk_id}.img")
-                # Staging: the image is materialised locally first (sparse: it takes the point's used
-                # bytes), then uploaded; streaming straight into the blob is a later step.
-                res = await materialize(repo, entry, staging, args.overwrite,
-                                        show and show(f"{disk_id} segments"))
-                try:
-                    up = await target.upload(staging, f"{prefix}{disk_id}.vhd", overwrite=args.overwrite,
-                                             verify=args.verify_upload, progress=_mib_progress(show, f"{disk_id} upload"))
-                finally:
-                    if not args.keep_staging:
-                        os.unlink(staging)
-                disks.append(FailedOverDisk(disk_id, up.url, up.disk_size, up.vhd_size, res.image_digest))
-                print(json.dumps({"point_id": point.point_id, "machine": point.machine, "disk_id": disk_id,
-                                  "blob_url": up.url, "disk_size": up.disk_size, "vhd_size": up.vhd_size,
-                                  "uploaded_bytes": up.uploaded_bytes, "image_digest": res.image_digest,
-                                  "staging": staging if args.keep_staging else None,
-                                  "verified": True, "read_back": up.verified}), flush=True)
-            os_disk = f"{point.machine}.{args.os_disk}" if args.os_disk else ""
-            machine = FailedOverMachine(point.machine, point.point_id, point.consistency, point.created, disks,
-                                        os_disk=os_disk, hints=_hints(point, disk_ids))
-            descriptor, template = write_descriptors(out_dir, machine)
-            print(json.dumps({"machine": point.machine, "point_id": point.point_id, "machine_descriptor": descriptor,
-                              "arm_template": template}), flush=True)
+            if f"{point.machine}.{args.os_disk}" not in disk_ids:
+                raise LifeboatError(f"--os-disk {args.os_disk!r} is not a disk of {point.machine} at point "
+                                    f"{point.point_id} (it has {', '.join(d.split('.', 1)[1] for d in disk_ids)})")
+    async with PageBlobTarget(conn, container) as target:
+        # Before any work: a blob in the way would otherwise stop the failover after the first disks.
+        if not args.overwrite:
+            for point, disk_ids in selected:
+                for disk_id in disk_ids:
+                    if await target.exists(f"{prefix}{disk_id}.vhd"):
+                        raise LifeboatError(f"azure://{container}/{prefix}{disk_id}.vhd exists; pass --overwrite "
+                                            "to replace it, or choose another --to-azure prefix")
+        uploaded: list[str] = []
+        try:
+            await _fail_over(args, repo, target, selected, prefix, out_dir, show, uploaded)
+        except BaseException:
+            if uploaded:
+                print(f"lifeboat failover: {len(uploaded)} disk(s) were uploaded before the failure and stay "
+                      f"(complete VHDs): {', '.join(uploaded)}; run again with --overwrite", file=sys.stderr)
+            raise
     return 0
+
+
+async def _fail_over(args, repo, target: PageBlobTarget, selected, prefix: str, out_dir: str, show,
+                     uploaded: list[str]) -> None:
+    """Per machine: materialise, upload and (unless kept) drop each disk's staging image, then write
+    the machine's descriptor and ARM template. Each uploaded blob's URL is appended to `uploaded`."""
+    for point, disk_ids in selected:
+        _warn_if_short_of_space(out_dir, [point.disks[d].disk_size for d in disk_ids])
+        disks = []
+        for disk_id in disk_ids:
+            entry = point.disks[disk_id]
+            staging = os.path.join(out_dir, f"{disk_id}.img")
+            # Staging: the image is materialised locally first (sparse: it takes the point's used
+            # bytes), then uploaded; streaming straight into the blob is a later step.
+            res = await materialize(repo, entry, staging, args.overwrite,
+                                    show and show(f"{disk_id} segments"))
+            try:
+                up = await target.upload(staging, f"{prefix}{disk_id}.vhd", overwrite=args.overwrite,
+                                         verify=args.verify_upload,
+                                         progress=_mib_progress(show, f"{disk_id} upload"))
+            finally:
+                if not args.keep_staging:
+                    os.unlink(staging)
+            disks.append(FailedOverDisk(disk_id, up.url, up.disk_size, up.vhd_size, res.image_digest))
+            uploaded.append(up.url)
+            print(json.dumps({"point_id": point.point_id, "machine": point.machine, "disk_id": disk_id,
+                              "blob_url": up.url, "disk_size": up.disk_size, "vhd_size": up.vhd_size,
+                              "uploaded_bytes": up.uploaded_bytes, "image_digest": res.image_digest,
+                              "staging": staging if args.keep_staging else None,
+                              "verified": True, "read_back": up.verified}), flush=True)
+        os_disk = f"{point.machine}.{args.os_disk}" if args.os_disk else ""
+        machine = FailedOverMachine(point.machine, point.point_id, point.consistency, point.created, disks,
+                                    os_disk=os_disk, hints=_hints(point, disk_ids))
+        descriptor, template = write_descriptors(out_dir, machine)
+        print(json.dumps({"machine": point.machine, "point_id": point.point_id, "machine_descriptor": descriptor,
+                          "arm_template": template}), flush=True)
 
 
 def _hints(point: MachinePoint, disk_ids: list[str]) -> dict:

@@ -281,15 +281,19 @@ class PageBlobTarget:
         return PageBlobResult(blob.url, self.container, blob_name, disk_size, vhd_size, blob_size, uploaded,
                               disk_size - uploaded, verify)
 
-    async def _create(self, blob: BlobClient, name: str, blob_size: int, overwrite: bool) -> None:
-        async def exists() -> bool:
+    async def exists(self, blob_name: str) -> bool:
+        blob = self._client.get_blob_client(check_blob_name(blob_name))
+
+        async def call() -> bool:
             try:
                 await blob.get_blob_properties()
                 return True
-            except ResourceNotFoundError:
+            except ResourceNotFoundError:  # BlobNotFound or ContainerNotFound
                 return False
+        return await self._retry("check", blob_name, call)
 
-        if await self._retry("check", name, exists) and not overwrite:
+    async def _create(self, blob: BlobClient, name: str, blob_size: int, overwrite: bool) -> None:
+        if not overwrite and await self.exists(name):
             raise PageBlobTargetError(f"azure://{self.container}/{name} exists; pass --overwrite to replace it, "
                                       "or choose another --to-azure prefix")
 
