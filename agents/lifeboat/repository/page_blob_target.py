@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import re
 import stat
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -87,7 +89,7 @@ def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
         try:
             start = os.lseek(fd, offset, os.SEEK_DATA)
         except OSError as exc:
-            if exc.errno == 6:  # ENXIO: no data after offset, the rest is a hole
+            if exc.errno == errno.ENXIO:  # no data after offset: the rest is a hole
                 return
             # EINVAL: the filesystem or device cannot say; every byte may be data.
             yield offset, size
@@ -278,7 +280,9 @@ class PageBlobTarget:
         logger.info("page_blob_uploaded", OBJECT=blob_name, CONTAINER=self.container, disk_size=disk_size,
                     vhd_size=vhd_size, uploaded_bytes=uploaded, verified=verify,
                     seconds=round(time.monotonic() - started, 3))
-        return PageBlobResult(blob.url, self.container, blob_name, disk_size, vhd_size, blob_size, uploaded,
+        # The URL goes to stdout, the descriptor and the ARM template: never with a SAS token in it.
+        url = urllib.parse.urlsplit(blob.url)._replace(query="", fragment="").geturl()
+        return PageBlobResult(url, self.container, blob_name, disk_size, vhd_size, blob_size, uploaded,
                               disk_size - uploaded, verify)
 
     async def exists(self, blob_name: str) -> bool:

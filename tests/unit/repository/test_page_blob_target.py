@@ -270,3 +270,23 @@ def test_page_ranges_property(tmp_path, size_pages, writes, range_bytes):
     for offset, data in pieces.items():
         assert set(range(offset // PAGE_BYTES, (offset + len(data) - 1) // PAGE_BYTES + 1)) <= covered
     os.unlink(path)
+
+
+def test_a_sas_connection_string_never_reaches_the_url(tmp_path, azurite, container):
+    from datetime import datetime, timedelta, timezone
+
+    from azure.storage.blob import AccountSasPermissions, ResourceTypes, generate_account_sas
+    parts = dict(p.split("=", 1) for p in azurite.strip(";").split(";"))
+    sas = generate_account_sas(parts["AccountName"], parts["AccountKey"],
+                               ResourceTypes(service=True, container=True, object=True),
+                               AccountSasPermissions(read=True, write=True, create=True, delete=True, list=True),
+                               expiry=datetime.now(timezone.utc) + timedelta(hours=1))
+    conn = f"BlobEndpoint={parts['BlobEndpoint']};SharedAccessSignature={sas}"
+    path = sparse_image(tmp_path / "img", MiB, {0: os.urandom(4096)})
+
+    async def go():
+        async with PageBlobTarget(conn, container) as target:
+            return await target.upload(path, "sas.vhd")
+    res = asyncio.run(go())
+    assert res.url == f"{parts['BlobEndpoint']}/{container}/sas.vhd"
+    assert "sig=" not in res.url and "?" not in res.url
