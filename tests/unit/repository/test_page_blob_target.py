@@ -212,7 +212,8 @@ def test_read_back_catches_pages_damaged_on_the_way(tmp_path, azurite, container
     async def go():
         async with PageBlobTarget(azurite, container) as target:
             await target.upload(path, "unchecked.vhd")   # without read-back the damage goes unnoticed
-            with pytest.raises(PageBlobTargetError, match=rf"read-back differs from the image at byte {64 * KiB + 1000}"):
+            with pytest.raises(PageBlobTargetError,
+                               match=rf"read-back differs from the image at byte {64 * KiB + 1000}"):
                 await target.upload(path, "checked.vhd", verify=True)
     asyncio.run(go())
     names = [b.name for b in BlobServiceClient.from_connection_string(azurite).get_container_client(container)
