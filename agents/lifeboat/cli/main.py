@@ -26,6 +26,7 @@ from .control import write_secret
 from .control_args import add_api_args, api_configured
 from .control_failover import control_failover
 from . import retention_cmd
+from . import azure_failover, doctor
 from .points import GroupFailoverRefused, group_points, machine_points, point_group, resolve, resolve_group
 from .repo_args import add_repo_args, open_from_args
 
@@ -206,13 +207,15 @@ async def cmd_failover(args) -> int:
             raise LifeboatError("'lifeboat failover MACHINE' goes through the management API: pass --api (or set "
                                 "$LIFEBOAT_API); the direct form is 'lifeboat failover --test --machine M --repo ...'")
         return await control_failover(args, _progress)
-    if not args.to:
-        raise LifeboatError("--to is required: an image file (one disk) or a directory")
     if not args.test:
         raise LifeboatError("only test failover (--test) is available in this release; production failover "
                             "to Azure comes with the configuration-server role")
+    if not args.to and not args.to_azure:
+        raise LifeboatError("name the target: --to PATH (a local image or directory) or --to-azure CONTAINER[/PREFIX]")
     repo = await open_from_args(args)
     try:
+        if args.to_azure:
+            return await azure_failover.run(args, repo, _progress)
         if args.group:
             return await _failover_group(args, repo)
         damaged: list[IntegrityError] = []
@@ -313,6 +316,7 @@ def parser() -> argparse.ArgumentParser:
     add_api_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing image file")
     p.add_argument("-q", "--quiet", action="store_true")
+    azure_failover.add_args(p)
     p.set_defaults(fn=cmd_failover)
 
     p = sub.add_parser("verify", help="read and authenticate every repository object")
