@@ -79,6 +79,15 @@ async def cmd_credentials(args) -> int:
         return 0
 
 
+async def cmd_passphrase(args) -> int:
+    """Rotate the registration passphrase: the new one goes to --out (0600), never to the terminal."""
+    async with client_from_args(args) as api:
+        reply = await api.call("POST", "/registration/passphrase", {})
+    write_secret(args.out, reply["passphrase"], overwrite=args.overwrite)
+    print(json.dumps({"registration_passphrase": os.path.abspath(args.out)}, indent=2))
+    return 0
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("register", help="exchange the one-time registration passphrase for this principal's credential")
     add_api_args(p, credential=False)
@@ -101,3 +110,10 @@ def add_parser(sub) -> None:
     p.add_argument("--out", help="issue: where to write the credential (0600)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_credentials)
+
+    p = sub.add_parser("passphrase", help="rotate the registration passphrase (operator); the old one stops working")
+    add_api_args(p)
+    p.add_argument("action", choices=("rotate",))
+    p.add_argument("--out", required=True, help="where to write the new passphrase (0600)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_passphrase)

@@ -235,6 +235,15 @@ async def post_credential_check(request: web.Request) -> web.Response:
     return web.json_response({"valid": True, "kind": p.kind, "name": p.name, "credential_id": p.credential_id})
 
 
+async def post_passphrase_rotate(request: web.Request) -> web.Response:
+    """A new registration passphrase (the old one stops working); returned once, stored as a hash."""
+    require(request)
+    passphrase = auth.new_passphrase()
+    await ctx_of(request).store.call(auth.install_passphrase, passphrase, True)
+    logger.warning("registration passphrase rotated", by=str(request[PRINCIPAL_KEY]))
+    return web.json_response({"passphrase": passphrase})
+
+
 def build_app(ctx: ControlContext) -> web.Application:
     """The API application; other modules add routes (`app.router.add_*`) before it is started."""
     app = web.Application(client_max_size=MAX_REQUEST_BYTES, middlewares=[api_middleware])
@@ -247,6 +256,7 @@ def build_app(ctx: ControlContext) -> web.Application:
     r.add_post(API_PREFIX + "/credentials", post_credential_issue)
     r.add_post(API_PREFIX + "/credentials/{credential_id}/revoke", post_credential_revoke)
     r.add_post(API_PREFIX + "/credentials/check", post_credential_check)
+    r.add_post(API_PREFIX + "/registration/passphrase", post_passphrase_rotate)
     from . import failover_api, inventory_api
     inventory_api.add_routes(app)
     failover_api.add_routes(app)

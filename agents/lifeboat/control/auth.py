@@ -95,7 +95,11 @@ def register(conn: sqlite3.Connection, passphrase: str, kind: str, name: str,
     (the operator revokes that credential first, e.g. when a machine is rebuilt)."""
     with transaction(conn):
         row = conn.execute("SELECT passphrase_sha256 FROM registration_passphrase").fetchone()
-        if row is None or not hmac.compare_digest(row[0], digest(passphrase)):
+        if row is None:
+            raise Refused(403, "bad_passphrase", "this configuration server has no registration passphrase: the "
+                          "operator sets control.registration_passphrase_file (from 'lifeboat init') and restarts, "
+                          "or runs 'lifeboat passphrase rotate'")
+        if not hmac.compare_digest(row[0], digest(passphrase)):
             raise Refused(403, "bad_passphrase", "the registration passphrase is wrong: use the passphrase file "
                           "that 'lifeboat init' wrote (registration.passphrase), or the one last rotated by the operator")
         live = conn.execute("SELECT id FROM credentials WHERE kind = ? AND name = ? AND revoked IS NULL "

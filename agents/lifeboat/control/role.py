@@ -77,6 +77,12 @@ class ControlRole:
         new_pass, new_op = await self.store.call(bootstrap)
         if new_pass or new_op:
             logger.info("bootstrap secrets stored", passphrase=new_pass, operator_credential=new_op)
+        operators = await self.store.call(lambda c: c.execute(
+            "SELECT COUNT(*) FROM credentials WHERE kind = 'operator' AND revoked IS NULL").fetchone()[0])
+        if not operators:
+            logger.warning("no live operator credential: nobody can manage this deployment; set "
+                           "control.operator_credential_file to a new file holding a fresh token "
+                           "(e.g. from 'lifeboat init' on another directory) and restart")
         from .jobs import JobRunner, interrupt_leftovers
 
         interrupted = await self.store.call(interrupt_leftovers)

@@ -132,3 +132,25 @@ async def test_oversized_and_non_json_bodies_are_refused(control):
             assert resp.status == 400 and "not JSON" in (await resp.json())["message"]
         async with api.session.get(control.url + "/api/v1/nothing-here") as resp:
             assert resp.status == 404 and (await resp.json())["error"] == "not_found"
+
+
+async def test_rotated_passphrase_replaces_the_old_one(control):
+    async with control.operator() as op:
+        new = (await op.call("POST", "/registration/passphrase", {}))["passphrase"]
+    with pytest.raises(ApiCallFailed) as exc:
+        await register(control, "web01")          # the passphrase from init no longer works
+    assert exc.value.code == "bad_passphrase"
+    assert (await register(control, "web01", passphrase=new))["principal"] == "agent:web01"
+
+
+async def test_without_a_passphrase_registration_says_how_to_set_one(tmp_path):
+    from control_helpers import RunningControl
+
+    rc = RunningControl(tmp_path, registration_passphrase_file="")
+    await rc.start()
+    try:
+        with pytest.raises(ApiCallFailed) as exc:
+            await register(rc, "web01")
+        assert exc.value.status == 403 and "control.registration_passphrase_file" in exc.value.message
+    finally:
+        await rc.stop()

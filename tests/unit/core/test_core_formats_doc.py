@@ -8,12 +8,13 @@ from pathlib import Path
 import lifeboat.core as core
 from lifeboat.core import compression, crypto, keys, sealed, segment, wire, catalog
 from lifeboat.mobility import change_log, digest_map, group_wire
-from lifeboat.control import plans
+from lifeboat.control import auth, inventory, plans, store
+from lifeboat.process_server import ingest
 
 DOC = Path(core.__file__).with_name("FORMATS.md")
 MODULES = {m.__name__.rsplit(".", 1)[1]: m for m in (compression, crypto, keys, sealed, segment, wire, catalog, digest_map,
-                                                        change_log, group_wire)}
-MODULES["plans"] = plans   # recovery plan definition (section 8)
+                                                        change_log, group_wire, auth, store, inventory, ingest)}
+MODULES["plans"] = plans   # recovery plan definition (section 9)
 ROW = re.compile(r"^\|\s*`(\w+)\.(\w+)`\s*\|\s*`([^`]+)`\s*\|")
 
 
