@@ -2,8 +2,9 @@
 
 Agents replicate three machines through a running process server (configuration-server role on);
 the plan's pre/post scripts append to one file, so the order is observed. The test run stops at the
-manual step (state waiting, nothing of group 2 done), `lifeboat plan resume` finishes it, and every
-failed-over image's SHA-256 equals its source disk. A real run is then cancelled at the manual step.
+manual step (state waiting, nothing of group 2 done), still waits after a process-server restart,
+`lifeboat plan resume` finishes it, and every failed-over image's SHA-256 equals its source disk.
+A real run is then cancelled at the manual step.
 """
 
 from __future__ import annotations
@@ -78,6 +79,12 @@ def test_plan_with_two_groups_and_a_manual_step(control_lab, tmp_path):
     assert log.splitlines()[0] == (f"job {job} (plan shop): waiting, waiting for: switch the load balancer to the "
                                    f"recovered web tier ('lifeboat plan resume {job}')")
     assert "group 1 pre script: checked web01 web02" in log and "machine web02 failed over to point" in log
+
+    # --- the process server restarts: the plan still waits -----------------------------------
+    assert lab.stop_ps() == 0
+    lab.start_ps()
+    assert ok(lab.api_cli("plan", "log", job)).splitlines()[0].startswith(f"job {job} (plan shop): waiting")
+    assert order_of(order) == ["pre 1", "post 1"]
 
     # --- resume: group 2 runs, the job succeeds ----------------------------------------------
     done = json.loads(ok(lab.api_cli("plan", "resume", job)))
