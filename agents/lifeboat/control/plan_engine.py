@@ -94,6 +94,7 @@ class PlanEngine:
                                    f"run 'lifeboat plan resume {job_id}' (or 'lifeboat plan cancel {job_id}')")
                     await asyncio.shield(self.store.call(plans.set_waiting, job_id, step["text"]))
                     return
+                self.runner.progress[job_id] = {"step": step["what"], "done": i, "total": len(run_steps)}
                 await self.store.call(plans.set_step, job_id, i, True)
                 if step["kind"] == "script":
                     await self._script(job_id, run, step)
@@ -101,30 +102,36 @@ class PlanEngine:
                     await self._failover_group(job_id, run, step)
                 i += 1
                 await asyncio.shield(self.store.call(plans.set_step, job_id, i, False))
+            step = plans.COMMIT_STEP
+            await self.store.call(plans.set_step, job_id, i, True)
             result = await self._finish(job_id, run)
         except asyncio.CancelledError:
             if step and step["kind"] == "manual":   # nothing runs at a manual step: a stop leaves the run waiting
                 await asyncio.shield(self.store.call(plans.set_waiting, job_id, step["text"]))
                 raise
-            message = plans.restart_message(step or {"what": "finish"})
-            await self.log(job_id, f"step {step['what'] if step else 'finish'} failed: {message}")
+            message = plans.restart_message(step or {"what": "start"})
+            await self.log(job_id, f"step {step['what'] if step else 'start'} failed: {message}")
             await asyncio.shield(self.store.call(plans.finish_run, job_id, None, message))
             raise
         except (LifeboatError, inv.InventoryError, NotImplementedError, OSError) as exc:
             text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-            message = f"step {step['what'] if step else 'finish'} failed: {text}"
+            if isinstance(exc, NotImplementedError):
+                text = (f"not available in this build ({text or 'an interface stub'}): the failovers are done; "
+                        "commit them later with 'lifeboat failover commit MACHINE'")
+            message = f"step {step['what'] if step else 'start'} failed: {text}"
             await self.log(job_id, message)
             await asyncio.shield(self.store.call(plans.finish_run, job_id, None, message))
             logger.error("plan failed", JOB=job_id, error=message)
             return
         except Exception as exc:  # noqa: BLE001 - a plan failure is recorded, never crashes the daemon
             logger.exception("plan crashed", JOB=job_id)
-            message = f"step {step['what'] if step else 'finish'} failed: {type(exc).__name__}: {exc}"
+            message = f"step {step['what'] if step else 'start'} failed: {type(exc).__name__}: {exc}"
             await self.log(job_id, message)
             await asyncio.shield(self.store.call(plans.finish_run, job_id, None, message))
             return
         await self.log(job_id, f"plan {run['plan']} finished: {len(result['failovers'])} machines failed over")
         await asyncio.shield(self.store.call(plans.finish_run, job_id, result, None))
+        self.runner.progress.pop(job_id, None)
 
     async def _finish(self, job_id: str, run: dict) -> dict:
         run = await self.store.call(plans.get_run, job_id)
@@ -135,7 +142,7 @@ class PlanEngine:
                 await self.store.call(fo.set_failover_state, f["machine"], job_id, "committed")
                 committed.append({"machine": f["machine"], **report})
                 await self.log(job_id, f"machine {f['machine']} committed to point {f['point_id']}: "
-                               f"{report['dropped_points']} other points dropped")
+                               f"{len(report['dropped_points'])} other points dropped")
         return {"plan": run["plan"], "test": run["options"]["test"], "failovers": run["failovers"],
                 "committed": committed}
 

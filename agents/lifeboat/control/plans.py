@@ -23,6 +23,7 @@ PLAN_KEYS = ("version", "groups", "script_timeout_seconds", "commit")
 GROUP_KEYS = ("machines", "pre_script", "post_script", "manual_before", "manual_after")
 ACTIVE_STATES = ("running", "waiting")
 RESTARTED = "process server restarted"
+COMMIT_STEP = {"kind": "commit", "what": "commit of the failed-over machines"}   # after the last step
 
 
 class PlanError(InventoryError):
@@ -267,7 +268,7 @@ def fail_interrupted_runs(conn) -> list[str]:
                         "WHERE r.step_running = 1 OR j.state = 'running'").fetchall()
     for r in rows:
         run_steps = steps(json.loads(r["definition"]))
-        step = run_steps[min(r["next_step"], len(run_steps) - 1)]
+        step = run_steps[r["next_step"]] if r["next_step"] < len(run_steps) else COMMIT_STEP
         message = restart_message(step)
         append_log(conn, r["job_id"], f"step {step['what']} failed: {message}")
         finish_run(conn, r["job_id"], None, message)

@@ -207,11 +207,49 @@ async def test_waiting_plan_survives_a_restart_then_is_cancelled(control_repo, t
         second = await wait_state(op, job["id"], ("waiting", "failed", "succeeded"))
         assert second["state"] == "waiting", second["error"]
         assert sha256_file(str(tmp_path / "t" / f"web01.sda.test-failover-{job['id']}.img")) == src
+        await op.call("POST", f"/jobs/{job['id']}/resume")      # past the last step: the job ends
+        done = await wait_state(op, job["id"], ("waiting", "failed", "succeeded"))
+        assert done["state"] == "succeeded", done["error"]
+        assert [f["machine"] for f in done["result"]["failovers"]] == ["web01"]
+
+        # Another run, cancelled at its first manual step: nothing failed over.
+        job = await op.call("POST", "/plans/p/run", {"test": True, "point": "latest", "to": str(tmp_path / "u")})
+        assert (await wait_state(op, job["id"], ("waiting", "failed")))["state"] == "waiting"
         cancelled = await op.call("POST", f"/jobs/{job['id']}/cancel")
         assert cancelled["state"] == "cancelled" and "cancelled by operator:admin" in cancelled["error"]
         e = await failure(op.call("POST", f"/jobs/{job['id']}/resume"))
         assert e.status == 409 and "cancelled, not waiting" in e.message
-        assert "lifeboat failover cleanup" in (await log_lines(op, job["id"]))[-1]
+        e = await failure(op.call("POST", f"/jobs/{job['id']}/cancel"))
+        assert e.status == 409 and "it has ended" in e.message
+        assert (await log_lines(op, job["id"]))[-1] == "cancelled by operator:admin"
+        assert image_files(tmp_path / "u") == []
+
+
+async def test_real_run_fails_over_and_commits_when_the_plan_says_so(control_repo, tmp_path):
+    control = control_repo
+    now = time.time()
+    await put_point(control.repo, "web01", "sda", b"d" * 8192, "p-1", 1, now - 30)
+    src = await put_point(control.repo, "web01", "sda", b"e" * 8192, "p-2", 2, now)
+    async with control.operator() as op:
+        await protect(op, "web01")
+        await op.call("PUT", "/plans/p", {"groups": [{"machines": ["web01"]}], "commit": True})
+        job = await op.call("POST", "/plans/p/run", {"point": "latest-processed", "to": str(tmp_path / "r")})
+        assert job["kind"] == "plan"
+        done = await wait_state(op, job["id"], ("failed", "succeeded"))
+        assert sha256_file(str(tmp_path / "r" / "web01.sda.img")) == src
+        assert (await op.call("GET", "/machines/web01"))["state"] == "failed-over"
+        if done["state"] == "succeeded":
+            assert done["result"]["committed"][0]["kept_points"] == ["p-2"]
+            assert [p.point_id for p in await control.repo.list_points()] == ["p-2"]
+        else:   # pending merge: repository/retention.py's drop_points_except is an interface stub here
+            assert done["error"].startswith("step commit of the failed-over machines failed: not available in "
+                                            "this build"), done["error"]
+            assert "'lifeboat failover commit MACHINE'" in done["error"]
+        # The images exist now: a second real run refuses to overwrite them, naming the file.
+        again = await op.call("POST", "/plans/p/run", {"point": "latest-processed", "to": str(tmp_path / "r")})
+        failed = await wait_state(op, again["id"], ("failed", "succeeded"))
+        assert failed["state"] == "failed" and "web01.sda.img exists" in failed["error"]
+        assert "--overwrite" in failed["error"]
 
 
 async def test_a_step_running_at_a_restart_is_failed_with_the_reason(control_repo, tmp_path):
