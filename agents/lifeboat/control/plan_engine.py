@@ -162,7 +162,7 @@ class PlanEngine:
                "LIFEBOAT_PLAN_GROUP": str(step["group"]), "LIFEBOAT_STAGE": step["stage"],
                "LIFEBOAT_TEST": "1" if run["options"]["test"] else "0",
                "LIFEBOAT_MACHINES": " ".join(group["machines"])}
-        await self.log(job_id, f"{step['what']} started (timeout {timeout:.0f} s)")
+        await self.log(job_id, f"{step['what']} started (timeout {timeout:g} s)")
         # Its own session: a timeout or a stop kills the script's children too.
         proc = await asyncio.create_subprocess_exec(step["path"], stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -183,7 +183,7 @@ class PlanEngine:
         except asyncio.TimeoutError:
             self._kill(proc)
             await self._log_output(job_id, step, kept, dropped)
-            raise StepFailed(f"script {step['path']} did not finish within {timeout:.0f} s and was killed: make it "
+            raise StepFailed(f"script {step['path']} did not finish within {timeout:g} s and was killed: make it "
                              "faster, or raise the plan's script_timeout_seconds") from None
         except asyncio.CancelledError:
             self._kill(proc)
@@ -203,10 +203,11 @@ class PlanEngine:
 
     async def _log_output(self, job_id: str, step: dict, kept: bytearray, dropped: int) -> None:
         prefix = f"group {step['group']} {step['stage']} script: "
-        for line in kept.decode(errors="replace").splitlines():
-            await self.log(job_id, prefix + line)
+        lines = [prefix + line for line in kept.decode(errors="replace").splitlines()]
         if dropped:
-            await self.log(job_id, f"{prefix}[{dropped} more bytes of output not logged]")
+            lines.append(f"{prefix}[{dropped} more bytes of output not logged]")
+        # Into the job log only: a chatty script does not flood the daemon's journal.
+        await asyncio.shield(self.store.call(plans.append_log, job_id, *lines))
 
     # --- failover of a group ---------------------------------------------------------------------
 

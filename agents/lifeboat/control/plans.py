@@ -201,11 +201,15 @@ def get_run(conn, job_id: str) -> dict | None:
             "error": row["error"], "failovers": json.loads(row["failovers"])}
 
 
-def append_log(conn, job_id: str, line: str, at: float | None = None) -> int:
-    line = line if len(line) <= MAX_LOG_LINE_CHARS else line[:MAX_LOG_LINE_CHARS] + " [cut]"
+def append_log(conn, job_id: str, *lines: str) -> int:
+    """Lines in one transaction (a script's output is one fsync, not one per line); the last seq."""
+    now = time.time()
     with transaction(conn):
-        seq = conn.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM job_log WHERE job_id = ?", (job_id,)).fetchone()[0]
-        conn.execute("INSERT INTO job_log VALUES (?, ?, ?, ?)", (job_id, seq, time.time() if at is None else at, line))
+        seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM job_log WHERE job_id = ?", (job_id,)).fetchone()[0]
+        for line in lines:
+            seq += 1
+            line = line if len(line) <= MAX_LOG_LINE_CHARS else line[:MAX_LOG_LINE_CHARS] + " [cut]"
+            conn.execute("INSERT INTO job_log VALUES (?, ?, ?, ?)", (job_id, seq, now, line))
     return seq
 
 

@@ -303,3 +303,40 @@ async def test_migration_0050_keeps_jobs_and_failovers(tmp_path):
     await new.call(lambda c: c.execute("UPDATE jobs SET state = 'waiting' WHERE id = 'j-1'"))
     assert await new.call(lambda c: c.execute("PRAGMA foreign_key_check").fetchall()) == []
     await new.close()
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"   # a zombie waits for its reaper: it is dead
+    except FileNotFoundError:
+        return True
+
+
+async def test_script_output_is_capped_and_a_slow_script_is_killed_with_its_children(control_repo, tmp_path):
+    control = control_repo
+    await put_point(control.repo, "web01", "sda", b"f" * 8192, "p-1", 1, time.time())
+    chatty = order_script(tmp_path / "chatty.sh", tmp_path / "order", "head -c 100000 /dev/zero | tr '\\0' 'y'")
+    pidfile = tmp_path / "child.pid"
+    slow = order_script(tmp_path / "slow.sh", tmp_path / "order", f"sleep 600 &\necho $! > {pidfile}\nwait")
+    async with control.operator() as op:
+        await protect(op, "web01")
+        await op.call("PUT", "/plans/chatty", {"groups": [{"machines": ["web01"], "pre_script": chatty}]})
+        job = await op.call("POST", "/plans/chatty/run", {"test": True, "point": "latest", "to": str(tmp_path / "t")})
+        assert (await wait_state(op, job["id"], ("failed", "succeeded")))["state"] == "succeeded"
+        lines = await log_lines(op, job["id"])
+        out = [line[len("group 1 pre script: "):] for line in lines if line.startswith("group 1 pre script: ")]
+        assert out[0] == "hello from pre 1"
+        assert out[-1] == f"[{100000 + len('hello from pre 1') + 1 - 65536} more bytes of output not logged]"
+        # The kept 64 KiB hold one long line: the log keeps its first 2000 characters (prefix included).
+        assert out[1:-1] == ["y" * (2000 - len("group 1 pre script: ")) + " [cut]"]
+
+        # The timeout only has to outlast the script's start (it writes its child's pid first).
+        await op.call("PUT", "/plans/slow", {"groups": [{"machines": ["web01"], "pre_script": slow}],
+                                             "script_timeout_seconds": 3})
+        job = await op.call("POST", "/plans/slow/run", {"test": True, "point": "latest", "to": str(tmp_path / "u")})
+        failed = await wait_state(op, job["id"], ("failed", "succeeded"))
+        assert failed["state"] == "failed"
+        assert f"script {slow} did not finish within 3 s and was killed" in failed["error"]
+        assert gone(int(pidfile.read_text()))
+        assert image_files(tmp_path / "u") == []
