@@ -13,6 +13,7 @@ from lifeboat.core.segment import SegmentHeader, assemble_segment, encode_record
 from lifeboat.core.wire import BatchBuilder, parse_batch
 
 BLOCK_BYTES = 4096
+FRAME_BYTES = 1024 * 1024   # the agent's write frame (a frame holds at most 4 MiB)
 
 
 async def put_point(repo, machine: str, disk: str, data: bytes, point_id: str, seq: int, created: float,
@@ -21,7 +22,8 @@ async def put_point(repo, machine: str, disk: str, data: bytes, point_id: str, s
     disk_id = f"{machine}.{disk}"
     digest = image_digest(b"".join(block_digest(data[a:a + BLOCK_BYTES]) for a in range(0, len(data), BLOCK_BYTES)))
     b = BatchBuilder(disk_id, seq, len(data))
-    b.write(0, data)
+    for offset in range(0, len(data), FRAME_BYTES):
+        b.write(offset, data[offset:offset + FRAME_BYTES])
     bookmark = {"point_id": point_id, "machine": machine, "created": created, "consistency": consistency,
                 "cycle": seq, "block_size": BLOCK_BYTES, "image_digest": digest}
     if group:
@@ -31,7 +33,7 @@ async def put_point(repo, machine: str, disk: str, data: bytes, point_id: str, s
     header = SegmentHeader(disk_id, seq, len(data), len(frames))
     encoded = [encode_record(repo.segment_key, header.encode(), i, f) for i, f in enumerate(frames)]
     await repo.put_segment(disk_id, seq, assemble_segment(repo.segment_key, header, encoded))
-    await repo.put_point(PointEntry(point_id=point_id, machine=machine, disk_id=disk_id, seq=seq, frame_index=1,
+    await repo.put_point(PointEntry(point_id=point_id, machine=machine, disk_id=disk_id, seq=seq, frame_index=len(frames) - 1,
                                     disk_size=len(data), created=created, consistency=consistency, cycle=seq,
                                     block_size=BLOCK_BYTES, image_digest=digest, group=group, group_tag=tag,
                                     group_members=tuple(members)))
