@@ -95,6 +95,13 @@ async def test_plan_validation_names_what_is_wrong(control, tmp_path):
         assert e.status == 400 and "absolute directory" in e.message
         e = await failure(op.call("POST", "/jobs/j-none/resume"))
         assert e.status == 404 and "no recovery-plan job" in e.message
+        async with control.client() as anon:
+            token = (await anon.call("POST", "/register", {"passphrase": control.passphrase, "kind": "agent",
+                                                           "name": "web01"}))["token"]
+            e = await failure(anon.call("POST", "/plans/p1/run", {"to": str(tmp_path)}, token=token))
+            assert e.status == 403 and "needs operator credentials" in e.message
+            e = await failure(anon.call("GET", "/plans"))
+            assert e.status == 401
         assert (await op.call("DELETE", "/plans/p1"))["name"] == "p1"
         e = await failure(op.call("GET", "/plans/p1"))
         assert e.status == 404
