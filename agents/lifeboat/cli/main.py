@@ -21,6 +21,7 @@ from ..repository.repo import Repository
 from ..repository.verify import verify_repository
 from ..mobility.group_wire import NAME_RE
 from . import control, doctor, inventory
+from . import plan_cmd
 from ..control.auth import new_passphrase, new_token
 from .control import write_secret
 from .control_args import add_api_args, api_configured
@@ -332,6 +333,7 @@ def parser() -> argparse.ArgumentParser:
     control.add_parser(sub)
     inventory.add_parser(sub)
     retention_cmd.add_parser(sub)
+    plan_cmd.add_parser(sub)
     return ap
 
 

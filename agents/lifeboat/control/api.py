@@ -260,4 +260,5 @@ def build_app(ctx: ControlContext) -> web.Application:
     from . import failover_api, inventory_api
     inventory_api.add_routes(app)
     failover_api.add_routes(app)
+    from . import plans_api; plans_api.add_routes(app)  # noqa: E702 - recovery plans (control/plans*.py)
     return app

@@ -20,6 +20,9 @@ T = TypeVar("T")
 MIGRATION_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 DB_FILENAME = "control.sqlite3"
 BUSY_TIMEOUT_SECONDS = 10.0
+# Each range is numbered without gaps; 0050+ are the recovery plans' (their own tables), so two lines
+# of work add migrations without colliding.
+MIGRATION_RANGES = (1, 50)
 
 
 class StoreError(LifeboatError):
@@ -43,10 +46,11 @@ def bundled_migrations(package: str = "lifeboat.control.migrations") -> list[Mig
         if m:
             found.append(Migration(int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
     found.sort(key=lambda mig: mig.version)
-    for expected, mig in enumerate(found, start=1):
-        if mig.version != expected:
-            raise StoreError(f"migration {mig.version:04d}_{mig.name}.sql is out of sequence (expected "
-                             f"{expected:04d}): migrations are numbered 0001, 0002, ... without gaps")
+    for lo, hi in zip(MIGRATION_RANGES, MIGRATION_RANGES[1:] + (10000,)):
+        for expected, mig in enumerate([m for m in found if lo <= m.version < hi], start=lo):
+            if mig.version != expected:
+                raise StoreError(f"migration {mig.version:04d}_{mig.name}.sql is out of sequence (expected "
+                                 f"{expected:04d}): migrations are numbered {lo:04d}, {lo + 1:04d}, ... without gaps")
     return found
 
 
