@@ -185,15 +185,10 @@ def complete_group_times(entries: list[PointEntry]) -> dict[tuple[str, str], flo
 
 
 async def _machine_bytes(repo: Repository, machine: str) -> int:
+    """Bytes of the machine's segments, checkpoints and catalog entries (machine names have no '.')."""
     total = 0
-    for prefix in ("disks/", "checkpoints/", "points/"):
-        for name in await repo.backend.list(prefix):
-            parts = name.split("/")
-            if len(parts) > 2 and parts[1].split(".", 1)[0] == machine:
-                try:
-                    total += await repo.backend.size(name)
-                except LifeboatError:
-                    pass   # deleted meanwhile
+    for prefix in (f"disks/{machine}.", f"checkpoints/{machine}.", f"points/{machine}."):
+        total += sum((await repo.backend.list_sizes(prefix)).values())
     return total
 
 
