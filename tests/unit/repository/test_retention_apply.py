@@ -284,3 +284,37 @@ async def test_checkpoints_are_sparse_and_incremental_builds_share_unchanged_chu
         ckfmt.chunk_name(sd.disk_id, cid) for _, cid in third.refs)
     assert await failover_all(repo, tmp_path, expected) == {"d"}
     assert not (await verify_repository(repo)).problems
+
+
+def _require_loop_devices() -> None:
+    import os
+    import shutil
+    if os.geteuid() == 0 and shutil.which("losetup") and os.path.exists("/dev/loop-control"):
+        return
+    if os.environ.get("LIFEBOAT_REQUIRE_ROOT_TESTS") == "1":
+        pytest.fail("this test needs root and loop devices", pytrace=False)
+    pytest.skip("needs root and loop devices")
+
+
+async def test_failover_onto_a_used_block_device_zeroes_what_the_checkpoint_leaves_out(repo, tmp_path):
+    """A device holds old data, unlike a fresh sparse image: chunks a checkpoint does not store (zeros)
+    must be written as zeros."""
+    import subprocess
+    _require_loop_devices()
+    sd = SyntheticDisk(repo, "web01", "sda", DISK_BYTES)
+    await sd.segment([(0, sd.rng.randbytes(CHUNK)), (3 * CHUNK, sd.rng.randbytes(CHUNK))], "a", NOW - 5 * HOUR)
+    sha = await sd.segment([(5 * CHUNK, sd.rng.randbytes(4096))], "b", NOW, zeros=[(3 * CHUNK, CHUNK)])
+    await drop_points_except(repo, "web01", "b", chunk_bytes=CHUNK)
+    assert [i for i, _ in (await read_manifest(repo, sd.disk_id, 1)).refs] == [0, 3]   # 14 chunks not stored
+    backing = tmp_path / "device.img"
+    backing.write_bytes(b"\xff" * DISK_BYTES)   # the old disk's contents
+    dev = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    try:
+        [entry] = await repo.list_points(sd.disk_id)
+        result = await materialize(repo, entry, dev)
+        assert result.checkpoint_seq == 1
+        with open(dev, "rb") as f:
+            assert hashlib.sha256(f.read(DISK_BYTES)).hexdigest() == sha
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
