@@ -89,9 +89,17 @@ def test_retention_thins_compacts_and_every_retained_point_fails_over_bit_exact(
     scribble(disk, 40, seed=100)
     assert lab.run_agent("web01", {"sda": disk}, cycles=1) == 0
     [latest] = [p["point_id"] for p in lab.wait_points(5) if p["point_id"] not in times]
-    expected[latest] = sha256_file(disk)   # its real `created` (now) is newer than every rewritten one
+    expected[latest] = sha256_file(disk)
+    times[latest] = newest + SPREAD_SECONDS   # on the same compressed clock, 90 min after the others
+
+    async def set_latest_time(repo):
+        for e in await repo.list_points():
+            if e.point_id == latest:
+                await repo.put_point(dataclasses.replace(e, created=times[latest]))
+    asyncio.run(with_repo(lab, set_latest_time))
 
     # A pass 3 h later that dies between publishing its checkpoint and deleting the segments behind it.
+    # Ages then: latest 91 min (keep-all), order[5] 181, order[4] 271 (one per hour), order[3] 361 (gone).
     policy = RetentionPolicy(6 * 3600, 2 * 3600)
     async def crash(repo):
         try:

@@ -367,3 +367,12 @@ class AzureBackend(Backend):
                 return []  # no container yet: an empty repository
 
         return sorted(await self._retry("list", prefix + "*", call))
+
+    async def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        async def call() -> dict[str, int]:
+            try:
+                return {b.name: b.size async for b in self._client.list_blobs(name_starts_with=prefix or None)}
+            except ResourceNotFoundError:
+                return {}
+
+        return dict(sorted((await self._retry("list", prefix + "*", call)).items()))

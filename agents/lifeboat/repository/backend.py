@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import re
 
-from ..core.errors import RepositoryError
+from ..core.errors import ObjectNotFound, RepositoryError
 
 # Object names are relative, '/'-separated, of safe characters: no '..', no absolute paths.
 OBJECT_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
@@ -47,6 +47,17 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def delete(self, name: str) -> None: ...
+
+    async def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        """{name: size in bytes} under a prefix; backends whose listing carries sizes override this
+        (one call instead of one per object). An object deleted meanwhile is left out."""
+        out = {}
+        for name in await self.list(prefix):
+            try:
+                out[name] = await self.size(name)
+            except ObjectNotFound:
+                pass
+        return out
 
     async def close(self) -> None:
         return None

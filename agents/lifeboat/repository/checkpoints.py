@@ -32,20 +32,20 @@ async def delete_quietly(repo: Repository, name: str) -> bool:
         return False
 
 
-async def list_checkpoint_objects(repo: Repository, disk_id: str) -> dict[int, list[str]]:
-    """Every object under checkpoints/<disk>/, by checkpoint seq (complete or not)."""
-    out: dict[int, list[str]] = {}
+async def list_checkpoint_objects(repo: Repository, disk_id: str) -> tuple[list[int], list[bytes]]:
+    """(seqs with a manifest, increasing; ids of the chunk objects) under checkpoints/<disk>/."""
+    seqs, chunks = [], []
     for name in await repo.backend.list(f"checkpoints/{disk_id}/"):
         parsed = ckfmt.parse_object_name(name)
-        if parsed is not None and parsed[0] == disk_id:
-            out.setdefault(parsed[1], []).append(name)
-    return out
+        if parsed is None or parsed[1] != disk_id:
+            continue
+        (seqs if parsed[0] == "manifest" else chunks).append(parsed[2])
+    return sorted(seqs), chunks
 
 
 async def list_checkpoints(repo: Repository, disk_id: str) -> list[int]:
     """Seqs of the disk's published checkpoints (those whose manifest exists), increasing."""
-    objects = await list_checkpoint_objects(repo, disk_id)
-    return sorted(s for s, names in objects.items() if ckfmt.manifest_name(disk_id, s) in names)
+    return (await list_checkpoint_objects(repo, disk_id))[0]
 
 
 async def read_manifest(repo: Repository, disk_id: str, seq: int) -> Manifest:
@@ -56,12 +56,13 @@ async def read_manifest(repo: Repository, disk_id: str, seq: int) -> Manifest:
     return manifest
 
 
-async def read_chunk(repo: Repository, manifest: Manifest, index: int) -> bytes:
-    name = ckfmt.chunk_name(manifest.disk_id, manifest.seq, index)
+async def read_chunk(repo: Repository, manifest: Manifest, index: int, cid: bytes) -> bytes:
+    name = ckfmt.chunk_name(manifest.disk_id, cid)
     try:
         data = await repo.backend.get(name)
     except ObjectNotFound:
-        raise IntegrityError(name, "the chunk its manifest lists is missing") from None
+        raise IntegrityError(name, f"chunk {index} of {ckfmt.manifest_name(manifest.disk_id, manifest.seq)} "
+                                   "is missing") from None
     return await asyncio.to_thread(ckfmt.open_chunk, repo.checkpoint_key, name, manifest, index, data)
 
 
@@ -74,31 +75,42 @@ def zero_range(fd: int, offset: int, length: int) -> None:
         length -= n
 
 
-async def write_checkpoint_to(repo: Repository, manifest: Manifest, fd: int, size: int, is_device: bool) -> int:
-    """Write the checkpoint's image into fd (clipped to `size`); one chunk fetched ahead. Returns bytes written."""
-    present = set(manifest.present)
+async def write_checkpoint_to(repo: Repository, manifest: Manifest, fd: int, size: int, is_device: bool,
+                              only: set[int] | None = None) -> int:
+    """Write the checkpoint's image into fd (clipped to `size`; `only`: just these chunk indexes), fetching
+    one chunk ahead. Returns the bytes written."""
+    refs = dict(manifest.refs)
+    limit = min(manifest.chunk_count, -(-size // manifest.chunk_bytes))
+    indexes = [i for i in range(limit) if only is None or i in only]
     written = 0
 
     async def fetch(i: int) -> bytes | None:
-        return await read_chunk(repo, manifest, i) if i in present else None
+        return await read_chunk(repo, manifest, i, refs[i]) if i in refs else None
 
-    limit = min(manifest.chunk_count, -(-size // manifest.chunk_bytes))
-    nxt = asyncio.ensure_future(fetch(0)) if limit else None
+    nxt = asyncio.ensure_future(fetch(indexes[0])) if indexes else None
     try:
-        for i in range(limit):
+        for pos, i in enumerate(indexes):
             data = await nxt
-            nxt = asyncio.ensure_future(fetch(i + 1)) if i + 1 < limit else None
+            nxt = asyncio.ensure_future(fetch(indexes[pos + 1])) if pos + 1 < len(indexes) else None
             offset = i * manifest.chunk_bytes
             end = min(offset + manifest.chunk_bytes, size, manifest.disk_size)
             if data is not None:
                 await asyncio.to_thread(os.pwrite, fd, memoryview(data)[: end - offset], offset)
                 written += end - offset
-            elif is_device:
+            elif is_device or only is not None:
                 await asyncio.to_thread(zero_range, fd, offset, end - offset)
     finally:
         if nxt is not None and not nxt.done():
             nxt.cancel()
     return written
+
+
+def _touched_chunks(reader: SegmentReader, chunk_bytes: int) -> set[int]:
+    out: set[int] = set()
+    for e in reader.entries:
+        if e.kind in (FRAME_WRITE, FRAME_ZERO) and e.length:
+            out.update(range(e.disk_offset // chunk_bytes, (e.disk_offset + e.length - 1) // chunk_bytes + 1))
+    return out
 
 
 def _apply_segment(reader: SegmentReader, fd: int) -> None:
@@ -109,10 +121,8 @@ def _apply_segment(reader: SegmentReader, fd: int) -> None:
             zero_range(fd, e.disk_offset, e.length)
 
 
-async def _seal_and_put(repo: Repository, disk_id: str, seq: int, index: int, offset: int, build_id: bytes,
-                        plain: bytes) -> None:
-    name = ckfmt.chunk_name(disk_id, seq, index)
-    blob = await asyncio.to_thread(ckfmt.seal_chunk, repo.checkpoint_key, name, index, offset, build_id, plain)
+async def _seal_and_put(repo: Repository, name: str, index: int, offset: int, plain: bytes) -> None:
+    blob = await asyncio.to_thread(ckfmt.seal_chunk, repo.checkpoint_key, name, index, offset, plain)
     await repo.backend.put(name, blob)
 
 
@@ -121,61 +131,78 @@ async def build_checkpoint(repo: Repository, disk_id: str, seq: int, work_dir: s
                            between: Callable[[str], Awaitable[None]] | None = None) -> tuple[Manifest, list[str]]:
     """Publish checkpoint `seq` of `disk_id`: the image after segments 1..seq.
 
-    Starts from the newest published checkpoint at or before `seq`, replays the segments after it into
-    a sparse temporary image in `work_dir` (memory stays at one segment plus a few chunks), then uploads
-    the non-zero chunks and, only after all of them, the manifest. Returns the manifest and the names of
-    every object written. `between(step)` is a test hook run between the publish steps.
+    Incremental: starts from the newest published checkpoint B at or before `seq` and replays segments
+    B+1..seq into a sparse temporary image in `work_dir`, loading only the chunks of B those segments
+    touch; untouched chunks are B's objects, shared by reference. So a build costs the changed bytes,
+    not the disk size. Memory stays at one segment plus a few chunks. Upload order: the new chunks,
+    then (after `between("chunks_published")`, a test hook) the manifest, read back and compared.
+    Returns the manifest and the names of the objects written.
     """
     existing = await list_checkpoints(repo, disk_id)
     if seq in existing:
         return await read_manifest(repo, disk_id, seq), []
-    base = max((c for c in existing if c < seq), default=0)
+    base_seq = max((c for c in existing if c < seq), default=0)
     have = set(await repo.list_segments(disk_id))
-    needed = range(base + 1, seq + 1)
+    needed = range(base_seq + 1, seq + 1)
     missing = [s for s in needed if s not in have]
     if missing:
         raise CheckpointError(ckfmt.manifest_name(disk_id, seq),
                               f"segment {segment_name(disk_id, missing[0])} is missing ({len(missing)} of the "
-                              f"{len(needed)} segments after {'checkpoint ' + str(base) if base else 'the log start'})"
+                              f"{len(needed)} segments after {'checkpoint ' + str(base_seq) if base_seq else 'the log start'})"
                               "; run 'lifeboat verify'")
     last = await repo.read_segment(disk_id, seq)
     disk_size = last.header.disk_size
     del last
-    build_id = os.urandom(16)
+    base = await read_manifest(repo, disk_id, base_seq) if base_seq else None
+    if base is not None and base.disk_size == disk_size:
+        chunk_bytes = base.chunk_bytes   # the base's chunking, so that unchanged chunks are shared
+    same_geometry = base is not None and base.disk_size == disk_size and base.chunk_bytes == chunk_bytes
+    count = -(-disk_size // chunk_bytes)
+    base_refs = dict(base.refs) if same_geometry else {}
+    id_key = ckfmt.chunk_id_key(repo.checkpoint_key)
+    refs: dict[int, bytes] = {}
     written: list[str] = []
     with tempfile.TemporaryDirectory(prefix="lifeboat-checkpoint-", dir=work_dir) as tmp:
-        path = os.path.join(tmp, "image")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(os.path.join(tmp, "image"), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, disk_size)
-            if base:
-                await write_checkpoint_to(repo, await read_manifest(repo, disk_id, base), fd, disk_size, False)
+            if base is not None and not same_geometry:
+                touched = set(range(count))   # a resized disk: start from the whole old image
+                await write_checkpoint_to(repo, base, fd, disk_size, False)
+            else:
+                touched = set()
             for s in needed:
                 reader = await repo.read_segment(disk_id, s)
+                fresh = {i for i in _touched_chunks(reader, chunk_bytes) if i < count} - touched
+                if fresh and base is not None and same_geometry:
+                    await write_checkpoint_to(repo, base, fd, disk_size, False, only=fresh & set(base_refs))
+                touched |= fresh
                 await asyncio.to_thread(_apply_segment, reader, fd)
                 del reader
             os.ftruncate(fd, disk_size)  # a frame of an older, larger geometry must not widen the image
-            present: list[int] = []
+            refs = {i: cid for i, cid in base_refs.items() if i not in touched}
             zeros = memoryview(bytes(chunk_bytes))
-            count = -(-disk_size // chunk_bytes)
             pending: set[asyncio.Task] = set()
             try:
-                for i in range(count):
+                for i in sorted(touched):
                     offset = i * chunk_bytes
                     plain = await asyncio.to_thread(os.pread, fd, min(chunk_bytes, disk_size - offset), offset)
                     if plain == zeros[: len(plain)]:
                         continue  # sparse: a zero chunk is not stored
-                    present.append(i)
-                    written.append(ckfmt.chunk_name(disk_id, seq, i))
+                    cid = await asyncio.to_thread(ckfmt.chunk_id, id_key, offset, plain)
+                    refs[i] = cid
+                    if base_refs.get(i) == cid:
+                        continue  # rewritten with the same bytes: B's object serves
+                    name = ckfmt.chunk_name(disk_id, cid)
+                    written.append(name)
                     while len(pending) >= CHUNK_UPLOAD_CONCURRENCY:
                         done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                         for t in done:
                             t.result()
-                    pending.add(asyncio.ensure_future(_seal_and_put(repo, disk_id, seq, i, offset, build_id, plain)))
-                if pending:
-                    for t in asyncio.as_completed(pending):
-                        await t
-                    pending = set()
+                    pending.add(asyncio.ensure_future(_seal_and_put(repo, name, i, offset, plain)))
+                for t in asyncio.as_completed(pending):
+                    await t
+                pending = set()
             finally:
                 for t in pending:
                     t.cancel()
@@ -183,7 +210,7 @@ async def build_checkpoint(repo: Repository, disk_id: str, seq: int, work_dir: s
             os.close(fd)
     if between:
         await between("chunks_published")
-    manifest = Manifest(disk_id, seq, disk_size, chunk_bytes, build_id, tuple(present))
+    manifest = Manifest(disk_id, seq, disk_size, chunk_bytes, tuple(sorted(refs.items())))
     name = ckfmt.manifest_name(disk_id, seq)
     await repo.backend.put(name, ckfmt.seal_manifest(repo.checkpoint_key, manifest))
     written.append(name)
@@ -191,3 +218,17 @@ async def build_checkpoint(repo: Repository, disk_id: str, seq: int, work_dir: s
     if await read_manifest(repo, disk_id, seq) != manifest:
         raise CheckpointError(name, "the manifest read back differs from the one written")
     return manifest, written
+
+
+async def collect_chunks(repo: Repository, disk_id: str) -> list[str]:
+    """Delete chunk objects no manifest of the disk refers to (left by superseded checkpoints or an
+    interrupted build). Run only after the manifests that still count are published."""
+    seqs, chunks = await list_checkpoint_objects(repo, disk_id)
+    referenced: set[bytes] = set()
+    for s in seqs:
+        referenced.update(cid for _, cid in (await read_manifest(repo, disk_id, s)).refs)
+    deleted = []
+    for cid in chunks:
+        if cid not in referenced and await delete_quietly(repo, ckfmt.chunk_name(disk_id, cid)):
+            deleted.append(ckfmt.chunk_name(disk_id, cid))
+    return deleted

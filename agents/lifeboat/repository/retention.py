@@ -14,8 +14,8 @@
 #
 # Enforcement order (each step leaves every kept point recoverable if the process dies after it):
 # 1. delete the catalog entries of dropped points; 2. per disk, build the checkpoint at seq C = (oldest
-# kept point's seq - 1): chunks first, then its manifest; 3. delete segments 1..C; 4. delete older
-# checkpoints and leftovers of interrupted builds; 5. when checkpoint_interval_segments segments lie
+# kept point's seq - 1): new chunks first, then its manifest; 3. delete segments 1..C; 4. delete older
+# manifests, then the chunks no manifest refers to; 5. when checkpoint_interval_segments segments lie
 # between the newest checkpoint and the newest kept point, a checkpoint just before that point (and
 # the ones between C and it go: a speed-up only, every segment after C is still there). Segments after
 # C are never touched, so the newest segment (which the uploader and ProcessServer._adopt number from)
@@ -30,9 +30,9 @@ import time
 from dataclasses import dataclass, field
 
 from ..core.catalog import PointEntry, point_object_name
-from ..core.checkpoint import CHUNK_BYTES, chunk_name, manifest_name
+from ..core.checkpoint import CHUNK_BYTES, manifest_name
 from ..core.errors import LifeboatError, PointNotFound
-from .checkpoints import build_checkpoint, delete_quietly, list_checkpoint_objects, read_manifest
+from .checkpoints import build_checkpoint, collect_chunks, delete_quietly, list_checkpoints
 from .repo import Repository, segment_name
 
 HOUR = 3600.0
@@ -185,15 +185,10 @@ def complete_group_times(entries: list[PointEntry]) -> dict[tuple[str, str], flo
 
 
 async def _machine_bytes(repo: Repository, machine: str) -> int:
+    """Bytes of the machine's segments, checkpoints and catalog entries (machine names have no '.')."""
     total = 0
-    for prefix in ("disks/", "checkpoints/", "points/"):
-        for name in await repo.backend.list(prefix):
-            parts = name.split("/")
-            if len(parts) > 2 and parts[1].split(".", 1)[0] == machine:
-                try:
-                    total += await repo.backend.size(name)
-                except LifeboatError:
-                    pass   # deleted meanwhile
+    for prefix in (f"disks/{machine}.", f"checkpoints/{machine}.", f"points/{machine}."):
+        total += sum((await repo.backend.list_sizes(prefix)).values())
     return total
 
 
@@ -232,27 +227,24 @@ async def _enforce(repo: Repository, machine: str, mine: list[PointEntry], keep:
                                      work_dir, chunk_bytes)
 
 
-async def _delete_checkpoint(repo: Repository, names: list[str], keep: set[str], report: RetentionReport) -> None:
-    # The manifest first: a checkpoint is never listed while its chunks are already gone.
-    for name in sorted(names, key=lambda n: not n.endswith("/manifest")):
-        if name not in keep and await delete_quietly(repo, name):
-            report.deleted_objects.append(name)
+async def _delete_manifests(repo: Repository, disk_id: str, seqs: list[int], report: RetentionReport) -> None:
+    for c in seqs:
+        if await delete_quietly(repo, manifest_name(disk_id, c)):
+            report.deleted_objects.append(manifest_name(disk_id, c))
 
 
 async def _compact(repo: Repository, disk_id: str, cut: int, report: RetentionReport, work_dir: str | None,
                    chunk_bytes: int, step) -> None:
-    """Checkpoint at `cut`, then delete segments 1..cut and checkpoints (or build leftovers) at or before it."""
+    """Checkpoint at `cut`, then delete segments 1..cut, the checkpoints before it and unreferenced chunks."""
     segments = await repo.list_segments(disk_id)
-    objects = await list_checkpoint_objects(repo, disk_id)
-    if manifest_name(disk_id, cut) in objects.get(cut, ()):
-        manifest = await read_manifest(repo, disk_id, cut)
-    elif any(s <= cut for s in segments):
+    seqs = await list_checkpoints(repo, disk_id)
+    if cut not in seqs:
+        if not any(s <= cut for s in segments):
+            return   # nothing behind the cut to compact
         async def between(stage: str) -> None:
             await step(stage)
-        manifest, written = await build_checkpoint(repo, disk_id, cut, work_dir, chunk_bytes, between)
+        _manifest, written = await build_checkpoint(repo, disk_id, cut, work_dir, chunk_bytes, between)
         report.checkpoints_written += [n for n in written if n.endswith("/manifest")]
-    else:
-        return   # nothing behind the cut to compact
     await step("manifest_published")
     # Segments the checkpoint now stands for; those after `cut` (and so the newest) stay.
     for s in segments:
@@ -260,27 +252,26 @@ async def _compact(repo: Repository, disk_id: str, cut: int, report: RetentionRe
             report.deleted_objects.append(segment_name(disk_id, s))
             report.segments_deleted += 1
     await step("segments_deleted")
-    wanted = {manifest_name(disk_id, cut)} | {chunk_name(disk_id, cut, i) for i in manifest.present}
-    for c, names in sorted((await list_checkpoint_objects(repo, disk_id)).items()):
-        if c <= cut:   # a newer checkpoint (a faster start for newer points) stays valid
-            await _delete_checkpoint(repo, names, wanted, report)
+    # Older checkpoints (a newer one, a faster start for newer points, stays valid), then the chunks no
+    # remaining manifest refers to: a listed checkpoint never lacks a chunk.
+    await _delete_manifests(repo, disk_id, [c for c in await list_checkpoints(repo, disk_id) if c < cut], report)
+    report.deleted_objects += await collect_chunks(repo, disk_id)
 
 
 async def _recent_checkpoint(repo: Repository, disk_id: str, cut: int, target: int, interval: int,
                              report: RetentionReport, work_dir: str | None, chunk_bytes: int) -> None:
     """Keep failover of the newest points short: a checkpoint at `target` (the newest kept point's seq - 1)
     once `interval` segments separate it from the newest checkpoint; then only the compaction checkpoint
-    and this one stay (the ones between are a speed-up only: every segment after `cut` is still there)."""
-    objects = await list_checkpoint_objects(repo, disk_id)
-    complete = [c for c, names in objects.items() if manifest_name(disk_id, c) in names]
-    if target <= cut or target - max(complete, default=0) < interval:
+    and this one stay (the ones between are a speed-up only: every segment after `cut` is still there).
+    Incremental builds share unchanged chunks, so this costs the bytes changed since the last one."""
+    seqs = await list_checkpoints(repo, disk_id)
+    if target <= cut or target - max(seqs, default=0) < interval:
         return
-    manifest, written = await build_checkpoint(repo, disk_id, target, work_dir, chunk_bytes)
+    _manifest, written = await build_checkpoint(repo, disk_id, target, work_dir, chunk_bytes)
     report.checkpoints_written += [n for n in written if n.endswith("/manifest")]
-    wanted = {manifest_name(disk_id, target)} | {chunk_name(disk_id, target, i) for i in manifest.present}
-    for c, names in sorted((await list_checkpoint_objects(repo, disk_id)).items()):
-        if cut < c <= target:
-            await _delete_checkpoint(repo, names, wanted if c == target else set(), report)
+    await _delete_manifests(repo, disk_id, [c for c in await list_checkpoints(repo, disk_id) if cut < c < target],
+                            report)
+    report.deleted_objects += await collect_chunks(repo, disk_id)
 
 
 async def apply_retention(repo: Repository, machine: str, policy: RetentionPolicy,

@@ -18,7 +18,7 @@ class VerifyReport:
     checked: int = 0
     bytes: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)  # (object name, what is wrong)
-    unreferenced: list[str] = field(default_factory=list)   # chunks of interrupted checkpoint builds
+    unreferenced: list[str] = field(default_factory=list)   # chunks no manifest refers to (interrupted pass)
 
 
 def _missing_ranges(seqs: list[int]) -> str:
@@ -38,8 +38,9 @@ async def verify_repository(repo: Repository, progress=None) -> VerifyReport:
     names = await backend.list("")
     known_segments: set[str] = set()
     checkpoints: dict[str, set[int]] = {}      # disk -> seqs of intact checkpoints
-    chunk_names = [n for n in names if (p := ckfmt.parse_object_name(n)) and p[2] != "manifest"]
+    chunk_names = [n for n in names if (p := ckfmt.parse_object_name(n)) and p[0] == "chunk"]
     referenced: set[str] = set()
+    opened: dict[str, bool] = {}   # chunk name -> damaged (chunks shared by checkpoints are opened once)
     points = []
     for name in names:
         report.checked += 1
@@ -53,19 +54,23 @@ async def verify_repository(repo: Repository, progress=None) -> VerifyReport:
                 await asyncio.to_thread(reader.verify_all)
                 known_segments.add(name)
             elif (parsed := ckfmt.parse_object_name(name)) is not None:
-                if parsed[2] != "manifest":
-                    continue   # authenticated through its manifest
-                disk_id, seq, _ = parsed
+                if parsed[0] != "manifest":
+                    continue   # authenticated through the manifests that refer to it
+                _, disk_id, seq = parsed
                 manifest = await read_manifest(repo, disk_id, seq)
                 bad = False
-                for i in manifest.present:
-                    chunk = ckfmt.chunk_name(disk_id, seq, i)
+                for i, cid in manifest.refs:
+                    chunk = ckfmt.chunk_name(disk_id, cid)
                     referenced.add(chunk)
+                    if chunk in opened:
+                        bad = bad or opened[chunk]
+                        continue
                     try:
-                        await read_chunk(repo, manifest, i)
+                        await read_chunk(repo, manifest, i, cid)
+                        opened[chunk] = False
                     except IntegrityError as exc:
                         report.problems.append((exc.object_name, str(exc)))
-                        bad = True
+                        opened[chunk] = bad = True
                 if not bad:
                     checkpoints.setdefault(disk_id, set()).add(seq)
             elif name.startswith("points/"):

@@ -142,6 +142,16 @@ async def test_get_range(backend):
     assert await backend.get_range("keys/k1", 3, 0) == b""
 
 
+async def test_list_sizes_match_the_objects(backend):
+    names = {"disks/d1/log/0000000001": 10, "disks/d1/log/0000000002": 0, "disks/d2/log/0000000001": 3 * MIB + 7,
+             "points/p1": 1}
+    for name, size in names.items():
+        await backend.put(name, os.urandom(size))
+    assert await backend.list_sizes("disks/d1") == {n: s for n, s in names.items() if n.startswith("disks/d1")}
+    assert await backend.list_sizes() == names
+    assert await backend.list_sizes("nothing/") == {}
+
+
 async def test_list_prefix_sorted_nested(backend):
     names = ["points/p2", "disks/d2/log/0000000001", "config", "disks/d1/log/0000000002",
              "keys/k1", "disks/d1/log/0000000001", "disks/d1/checkpoint/c1", "points/p1"]
