@@ -113,14 +113,11 @@ def test_everything_through_the_cli(control_lab, tmp_path):
     clash = lab.api_cli("failover", "web01", "--point", "latest-app", "--to", str(target))
     assert clash.returncode != 0 and "exists" in clash.stderr and "--overwrite" in clash.stderr
     commit = lab.api_cli("failover", "commit", "web01")
-    if commit.returncode == 0:
-        result = json.loads(commit.stdout)
-        assert result["point_id"] == real["point_id"]
-        remaining = [p["point_id"] for p in lab.points() if p["machine"] == "web01"]
-        assert remaining == [real["point_id"]]
-    else:
-        # Pending merge: repository/retention.py's drop_points_except is an interface stub on this branch.
-        assert "not available in this build" in commit.stderr, commit.stderr
+    assert commit.returncode == 0, commit.stderr
+    result = json.loads(commit.stdout)
+    assert result["point_id"] == real["point_id"]
+    remaining = [p["point_id"] for p in lab.points() if p["machine"] == "web01"]
+    assert remaining == [real["point_id"]]
     assert json.loads(ok(lab.api_cli("status", "web01", "--json")))[0]["protection"] == "failed-over"
     jobs = lab.api_cli("failover", "web01", "--point", "latest-app", "--to", str(target), "--overwrite")
     assert jobs.returncode == 0, jobs.stderr   # --overwrite replaces the images

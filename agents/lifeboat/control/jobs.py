@@ -83,8 +83,6 @@ class JobRunner:
                 raise
             except LifeboatError as exc:
                 error = str(exc)
-            except NotImplementedError as exc:
-                error = f"not available in this build: {exc or 'the function is an interface stub'}"
             except Exception as exc:  # noqa: BLE001 - a job failure is recorded, never crashes the daemon
                 logger.exception("job crashed", JOB=job_id)
                 error = f"{type(exc).__name__}: {exc}"

@@ -113,11 +113,8 @@ class PlanEngine:
             await self.log(job_id, f"step {step['what'] if step else 'start'} failed: {message}")
             await asyncio.shield(self.store.call(plans.finish_run, job_id, None, message))
             raise
-        except (LifeboatError, inv.InventoryError, NotImplementedError, OSError) as exc:
+        except (LifeboatError, inv.InventoryError, OSError) as exc:
             text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-            if isinstance(exc, NotImplementedError):
-                text = (f"not available in this build ({text or 'an interface stub'}): the failovers are done; "
-                        "commit them later with 'lifeboat failover commit MACHINE'")
             message = f"step {step['what'] if step else 'start'} failed: {text}"
             await self.log(job_id, message)
             await asyncio.shield(self.store.call(plans.finish_run, job_id, None, message))

@@ -6,7 +6,7 @@ import asyncio
 from typing import Callable
 
 from ..core import logging as log
-from ..core.errors import LifeboatError
+from ..core.errors import LifeboatError, PointNotFound
 from ..repository import retention
 from . import inventory as inv
 from .store import Store
@@ -22,7 +22,6 @@ class RetentionTask:
         self.interval_seconds = interval_seconds
         self.task: asyncio.Task | None = None
         self.passes = 0
-        self._warned_stub = False
 
     def start(self) -> None:
         if self.interval_seconds > 0:
@@ -47,12 +46,8 @@ class RetentionTask:
                                            keep_all_seconds=policy["keep_all_seconds"])
             try:
                 report = await retention.apply_retention(repo, m["name"], rp)
-            except NotImplementedError:
-                if not self._warned_stub:   # one warning, not one per machine and pass
-                    logger.warning("retention is not available in this build (repository/retention.py is an "
-                                   "interface stub): recovery points are not thinned")
-                    self._warned_stub = True
-                return reports
+            except PointNotFound:
+                continue   # protected, but no point uploaded yet (initial copy): nothing to thin
             except (LifeboatError, OSError) as exc:
                 logger.error("retention pass failed for a machine", MACHINE=m["name"], error=str(exc))
                 continue

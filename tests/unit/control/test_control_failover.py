@@ -1,5 +1,5 @@
 """Failover choices refused before any job starts (outside retention, group member alone, no app point), and
-the retention pass tolerating the repository side's interface stub with one warning."""
+the periodic retention pass over every protected machine."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from structlog.testing import capture_logs
 from lifeboat.control.client import ApiCallFailed
 from lifeboat.control.retention_task import RetentionTask
 from lifeboat.core.catalog import PointEntry
-from lifeboat.repository.retention import RetentionPolicy, apply_retention
 
 
 def entry(machine: str, point: str, created: float, consistency: str, seq: int, **group) -> PointEntry:
@@ -60,22 +59,20 @@ async def test_impossible_failover_choices_are_refused_with_the_way_out(control_
         assert (await op.call("GET", "/jobs"))["jobs"] == []   # nothing was started
 
 
-async def test_retention_pass_covers_every_machine_and_tolerates_the_stub(control_repo):
+async def test_retention_pass_covers_every_machine_with_points_and_skips_the_others(control_repo):
     control = control_repo
+    now = time.time()
+    for e in (entry("web02", "a", now - 120, "crash", 1), entry("web02", "b", now - 60, "app", 2)):
+        await control.repo.put_point(e)
     async with control.operator() as op:
-        await op.call("PUT", "/machines/web01", {"disks": ["sda"]})
+        await op.call("PUT", "/machines/web01", {"disks": ["sda"]})   # protected, no point uploaded yet
         await op.call("PUT", "/machines/web02", {"disks": ["sda"]})
     task = RetentionTask(control.role.store, lambda: control.repo, 3600)
-    try:
-        await apply_retention(control.repo, "web01", RetentionPolicy())
-        implemented = True
-    except NotImplementedError:
-        implemented = False   # pending merge of the retention branch: the pass must tolerate it
     with capture_logs() as logs:
         first = await task.run_once()
         second = await task.run_once()
-    warnings = [e for e in logs if "interface stub" in e["event"]]
-    if implemented:
-        assert [r.machine for r in first] == ["web01", "web02"] == [r.machine for r in second] and not warnings
-    else:
-        assert first == second == [] and len(warnings) == 1   # one warning, not one per pass
+    assert [r.machine for r in first] == ["web02"] == [r.machine for r in second]
+    assert sorted(first[0].kept_points) == ["a", "b"] and first[0].dropped_points == []   # both inside keep-all
+    assert [p.point_id for p in await control.repo.list_points()] == ["a", "b"]
+    assert not [e for e in logs if e["log_level"] in ("error", "warning")], logs
+    assert task.passes == 2

@@ -245,13 +245,9 @@ async def test_real_run_fails_over_and_commits_when_the_plan_says_so(control_rep
         done = await wait_state(op, job["id"], ("failed", "succeeded"))
         assert sha256_file(str(tmp_path / "r" / "web01.sda.img")) == src
         assert (await op.call("GET", "/machines/web01"))["state"] == "failed-over"
-        if done["state"] == "succeeded":
-            assert done["result"]["committed"][0]["kept_points"] == ["p-2"]
-            assert [p.point_id for p in await control.repo.list_points()] == ["p-2"]
-        else:   # pending merge: repository/retention.py's drop_points_except is an interface stub here
-            assert done["error"].startswith("step commit of the failed-over machines failed: not available in "
-                                            "this build"), done["error"]
-            assert "'lifeboat failover commit MACHINE'" in done["error"]
+        assert done["state"] == "succeeded", done
+        assert done["result"]["committed"][0]["kept_points"] == ["p-2"]
+        assert [p.point_id for p in await control.repo.list_points()] == ["p-2"]
         # The images exist now: a second real run refuses to overwrite them, naming the file.
         again = await op.call("POST", "/plans/p/run", {"point": "latest-processed", "to": str(tmp_path / "r")})
         failed = await wait_state(op, again["id"], ("failed", "succeeded"))
