@@ -7,6 +7,7 @@ sample files under config/ (a test keeps them identical).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -251,6 +252,8 @@ def build(cls, data: object, path: str = ""):
 
 def _scalar(tp, value, path, choices):
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 2**63:  # float() of a 400-digit integer raises OverflowError
+            raise ConfigError(path, f"{value} is out of range")
         value = float(value)
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(path, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
@@ -258,6 +261,14 @@ def _scalar(tp, value, path, choices):
         raise ConfigError(path, f"{value!r} is not one of {', '.join(choices)}")
     if tp in (int, float) and value < 0:
         raise ConfigError(path, f"must not be negative, got {value}")
+    # Found by tests/fuzz: inf/nan and integers beyond 64 bits passed here and crashed the daemon later
+    # (asyncio.sleep(nan), OverflowError in size arithmetic, a bind() to port 70000).
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(path, f"must be a finite number, got {value}")
+    if tp is int and value >= 2**63:
+        raise ConfigError(path, f"{value} is out of range (at most {2**63 - 1})")
+    if tp is int and path.rsplit(".", 1)[-1] == "port" and value > 65535:
+        raise ConfigError(path, f"{value} is not a TCP port (0-65535)")
     return value
 
 
@@ -269,6 +280,10 @@ def load(cls, path: str):
         raise ConfigError(path, "configuration file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # tomllib decodes the bytes itself and lets this through
+        raise ConfigError(path, f"not UTF-8 text: {exc}") from None
+    except OSError as exc:  # a directory, no permission, an I/O error
+        raise ConfigError(path, f"cannot read the configuration file: {exc.strerror or exc}") from None
     cfg = build(cls, data)
     check = getattr(cfg, "validate", None) or _VALIDATORS.get(cls)
     if check:
@@ -309,7 +324,7 @@ def _validate_mobility(cfg: MobilityConfig) -> None:
                 raise ConfigError(f"group.{key}", "required for a group member (mutual TLS on the group port)")
         for i, m in enumerate(g.members):
             host, _, port = m.address.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            if not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
                 raise ConfigError(f"group.members[{i}].address", f"{m.address!r} is not host:port")
     if cfg.tracking.bitmap_budget_bytes > 16 * MiB:
         raise ConfigError("tracking.bitmap_budget_bytes", "must be at most 16 MiB (16777216)")
