@@ -58,6 +58,11 @@ class IngestConfig:
     tls_key: str = req("server private key (PEM)", "/etc/lifeboat/tls/server.key")
     agent_token_file: str = req("file holding the bearer token agents present", "/etc/lifeboat/agent.token")
     max_batch_bytes: int = opt(64 * MiB, "largest batch body accepted; larger requests get 413")
+    body_idle_timeout_seconds: float = opt(30.0, "a batch body that sends no byte for this long gets 408 "
+                                           "(the sender retries); also the grace period of the rate floor below")
+    body_min_bytes_per_second: int = opt(64 * 1024, "a batch body must arrive within body_idle_timeout_seconds + "
+                                         "its length / this rate, else 408: a slow-drip (slowloris) body cannot "
+                                         "hold a disk's receive slot")
 
 
 @dataclass(kw_only=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REJECTION_REASONS = ("unauthenticated", "bad_request", "too_large", "malformed", "truncated",
-                     "out_of_order", "busy", "cache_full", "repository_unavailable", "internal")
+                     "out_of_order", "busy", "cache_full", "repository_unavailable", "internal",
+                     "timeout", "replay_mismatch")
 
 
 class ProcessServerMetrics:

@@ -33,6 +33,7 @@ class Repository:
         self.segment_key = crypto.derive_subkey(master, b"lifeboat-segment")
         self.object_key = crypto.derive_subkey(master, b"lifeboat-object")
         self._master = master
+        self.key_name: str | None = None
 
     def __repr__(self) -> str:
         return f"Repository({self.backend.location}, id={self.id})"
@@ -74,6 +75,7 @@ class Repository:
         if master is None:
             raise KeyUnlockError(f"none of the {len(names)} key objects in {backend.location} opens with this {unlocker.kdf}")
         repo = cls(backend, master, {"id": "?"})
+        repo.key_name = name  # the key object that opened it (lifeboat key rotate replaces this one)
         try:
             raw = await backend.get(CONFIG_NAME)
         except ObjectNotFound:
