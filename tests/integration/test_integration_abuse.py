@@ -189,13 +189,22 @@ def test_daemons_survive_abuse_keep_replicating_and_bound_their_memory(lab, tmp_
                 # workload writes and the agent replicates.
                 status, _, body = await asyncio.to_thread(good.request, "GET", "/api/v1/disks/web01.sda")
                 assert status == 200 and body["acked_seq"] >= 1, body
+                acked_before = body["acked_seq"]
+
+                async def meanwhile() -> None:
+                    await asyncio.sleep(1.0)  # the slowloris clients are dripping now
+                    abuser.note("good client during the abuse", (await asyncio.to_thread(
+                        good.request, "GET", "/api/v1/disks/web01.sda"))[0])
+
                 for round_ in range(3):
                     await asyncio.to_thread(scribble, disk, 30, round_ + 100)
                     await asyncio.gather(abuser.ingest_random_bytes(), abuser.ingest_truncated_bodies(),
-                                         abuser.ingest_huge_lengths(), abuser.group_abuse(),
+                                         abuser.ingest_huge_lengths(), abuser.group_abuse(), meanwhile(),
                                          *(abuser.ingest_slowloris(round_ * 10 + n) for n in range(SLOWLORIS_CLIENTS)))
                 status, _, body = await asyncio.to_thread(good.request, "GET", "/api/v1/disks/web01.sda")
                 assert status == 200, body
+                # The agent's batches were stored while all of this went on.
+                assert body["acked_seq"] > acked_before, (acked_before, body)
             finally:
                 for conn in held:
                     if isinstance(conn, tuple):
@@ -217,6 +226,7 @@ def test_daemons_survive_abuse_keep_replicating_and_bound_their_memory(lab, tmp_
         assert set(a["group: raw bytes, no TLS"]) == {b""} and set(a["group: no client certificate"]) == {b""}
         assert set(a["group: random frames"]) == {b""} and set(a["group: huge declared body"]) == {b""}
         assert a["group: HELLO from a non-coordinator"] == [REFUSED] * 3
+        assert a["good client during the abuse"] == [200] * 3
 
         ps_text, agent_text = scrape(lab.ps_metrics_port), scrape(agent_metrics)
         assert metric(ps_text, 'lifeboat_ps_rejections_total{reason="timeout"}') == 3 * SLOWLORIS_CLIENTS
