@@ -85,3 +85,43 @@ def test_config_object_round_trip_and_type_confusion():
     else:
         raise AssertionError("a config object was accepted as a catalog entry")
     assert json.loads(json.dumps(config)) == config
+
+
+def _open_repository_with_config(body: object) -> None:
+    """A repository whose key opens and whose config object is well sealed around `body`."""
+    import asyncio
+    import tempfile
+
+    from lifeboat.core import crypto, keys
+    from lifeboat.core.errors import LifeboatError
+    from lifeboat.repository.local import LocalBackend
+    from lifeboat.repository.repo import CONFIG_NAME, KEYS_PREFIX, Repository
+
+    master = bytes(range(200, 232))
+    unlocker = keys.Unlocker(keys.KDF_KEYFILE, bytes(32))
+    object_key = crypto.derive_subkey(master, b"lifeboat-object")
+    header = sealed.SEALED_HEADER.pack(sealed.SEALED_MAGIC, sealed.SEALED_VERSION, sealed.OBJECT_CONFIG, 0)
+    blob = header + crypto.seal(object_key, json.dumps(body).encode(), header + CONFIG_NAME.encode())
+
+    async def run() -> None:
+        with tempfile.TemporaryDirectory() as d:
+            backend = LocalBackend(d)
+            await backend.put(KEYS_PREFIX + "00", keys.wrap_master_key(master, "00", unlocker))
+            await backend.put(CONFIG_NAME, blob)
+            try:
+                repo = await Repository.open(backend, unlocker)
+            except LifeboatError as exc:
+                assert str(exc)
+                return
+            assert isinstance(repo.id, str) and repo.config["version"] == 1
+
+    asyncio.run(run())
+
+
+@given(st.dictionaries(st.sampled_from(["version", "id", "created", "cipher", "compression", "x"]), json_values,
+                       max_size=6) | json_values)
+@example({"version": 1})                 # no id: Repository.open raised KeyError
+@example({"version": 1, "id": 7})        # an id that is not a string
+@example({"version": True, "id": "ab"})  # JSON true == 1 in Python
+def test_repository_config_objects_of_any_shape_open_or_fail_cleanly(body):
+    _open_repository_with_config(body)

@@ -81,8 +81,11 @@ class Repository:
         except ObjectNotFound:
             raise RepositoryError(f"{backend.location} has keys but no config: initialisation never finished") from None
         config = sealed.open_object(repo.object_key, CONFIG_NAME, sealed.OBJECT_CONFIG, raw)
-        if config.get("version") != REPO_CONFIG_VERSION:
-            raise RepositoryError(f"repository config version {config.get('version')} is not supported by this build")
+        version = config.get("version")
+        if version != REPO_CONFIG_VERSION or isinstance(version, bool):  # JSON true == 1 in Python
+            raise RepositoryError(f"repository config version {version!r} is not supported by this build")
+        if not isinstance(config.get("id"), str) or not config["id"]:
+            raise IntegrityError(CONFIG_NAME, f"repository config has no valid 'id' (got {config.get('id')!r})")
         repo.config, repo.id = config, config["id"]
         return repo
 
