@@ -28,6 +28,7 @@ from .control_args import add_api_args, api_configured
 from .control_failover import control_failover
 from . import retention_cmd
 from . import azure_failover, doctor
+from . import doctor, key_cmd
 from .points import GroupFailoverRefused, group_points, machine_points, point_group, resolve, resolve_group
 from .repo_args import add_repo_args, open_from_args
 
@@ -334,6 +335,7 @@ def parser() -> argparse.ArgumentParser:
     inventory.add_parser(sub)
     retention_cmd.add_parser(sub)
     plan_cmd.add_parser(sub)
+    key_cmd.add_parser(sub)
     return ap
 
 

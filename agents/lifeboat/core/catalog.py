@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from .errors import IntegrityError
 
 POINT_ENTRY_VERSION = 1
+_FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "tuple[str, ...]": tuple}
 CONSISTENCY_KINDS = ("app", "crash", "none")
 
 
@@ -47,11 +48,19 @@ class PointEntry:
             entry = cls(**values)
         except (KeyError, TypeError) as exc:
             raise IntegrityError(name, f"catalog entry lacks a field: {exc}") from None
+        if not isinstance(entry.consistency, str) or entry.consistency not in CONSISTENCY_KINDS:
+            raise IntegrityError(name, f"unknown consistency {entry.consistency!r}")
+        # Every field has its declared type (an int may stand for a float, a bool for neither), so a
+        # malformed entry fails here with its name, not later in the materializer.
+        for f in fields(cls):
+            value, want = getattr(entry, f.name), _FIELD_TYPES.get(f.type, str)
+            if not isinstance(value, want) or isinstance(value, bool):
+                raise IntegrityError(name, f"catalog entry field {f.name!r} is {type(value).__name__}, not {f.type}")
+        if not isinstance(body.get("group_members", []), list):
+            raise IntegrityError(name, "catalog entry field 'group_members' is not a list")
         if not (isinstance(entry.group, str) and isinstance(entry.group_tag, str)
                 and all(isinstance(m, str) for m in entry.group_members)):
             raise IntegrityError(name, "catalog entry has malformed group fields")
-        if entry.consistency not in CONSISTENCY_KINDS:
-            raise IntegrityError(name, f"unknown consistency {entry.consistency!r}")
         return entry
 
 

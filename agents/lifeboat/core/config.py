@@ -7,6 +7,7 @@ sample files under config/ (a test keeps them identical).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import typing
@@ -59,6 +60,11 @@ class IngestConfig:
     max_batch_bytes: int = opt(64 * MiB, "largest batch body accepted; larger requests get 413")
     accept_shared_token: bool = opt(True, "accept agent_token_file's shared token from any agent; false = only "
                                     "per-machine credentials of the configuration server ('lifeboat register')")
+    body_idle_timeout_seconds: float = opt(30.0, "a batch body that sends no byte for this long gets 408 "
+                                           "(the sender retries); also the grace period of the rate floor below")
+    body_min_bytes_per_second: int = opt(64 * 1024, "a batch body must arrive within body_idle_timeout_seconds + "
+                                         "its length / this rate, else 408: a slow-drip (slowloris) body cannot "
+                                         "hold a disk's receive slot")
 
 
 @dataclass(kw_only=True)
@@ -295,6 +301,8 @@ def build(cls, data: object, path: str = ""):
 
 def _scalar(tp, value, path, choices):
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > 2**63:  # float() of a 400-digit integer raises OverflowError
+            raise ConfigError(path, f"{value} is out of range")
         value = float(value)
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(path, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
@@ -302,6 +310,14 @@ def _scalar(tp, value, path, choices):
         raise ConfigError(path, f"{value!r} is not one of {', '.join(choices)}")
     if tp in (int, float) and value < 0:
         raise ConfigError(path, f"must not be negative, got {value}")
+    # Found by tests/fuzz: inf/nan and integers beyond 64 bits passed here and crashed the daemon later
+    # (asyncio.sleep(nan), OverflowError in size arithmetic, a bind() to port 70000).
+    if tp is float and not math.isfinite(value):
+        raise ConfigError(path, f"must be a finite number, got {value}")
+    if tp is int and value >= 2**63:
+        raise ConfigError(path, f"{value} is out of range (at most {2**63 - 1})")
+    if tp is int and path.rsplit(".", 1)[-1] == "port" and value > 65535:
+        raise ConfigError(path, f"{value} is not a TCP port (0-65535)")
     return value
 
 
@@ -313,6 +329,10 @@ def load(cls, path: str):
         raise ConfigError(path, "configuration file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:  # tomllib decodes the bytes itself and lets this through
+        raise ConfigError(path, f"not UTF-8 text: {exc}") from None
+    except OSError as exc:  # a directory, no permission, an I/O error
+        raise ConfigError(path, f"cannot read the configuration file: {exc.strerror or exc}") from None
     cfg = build(cls, data)
     check = getattr(cfg, "validate", None) or _VALIDATORS.get(cls)
     if check:
@@ -353,7 +373,7 @@ def _validate_mobility(cfg: MobilityConfig) -> None:
                 raise ConfigError(f"group.{key}", "required for a group member (mutual TLS on the group port)")
         for i, m in enumerate(g.members):
             host, _, port = m.address.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            if not host or not (port.isascii() and port.isdigit() and len(port) <= 5) or not 0 < int(port) < 65536:
                 raise ConfigError(f"group.members[{i}].address", f"{m.address!r} is not host:port")
     if cfg.tracking.bitmap_budget_bytes > 16 * MiB:
         raise ConfigError("tracking.bitmap_budget_bytes", "must be at most 16 MiB (16777216)")

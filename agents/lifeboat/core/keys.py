@@ -113,6 +113,7 @@ def unwrap_master_key(data: bytes, unlocker: Unlocker) -> bytes | None:
         else:
             kek = unlocker.secret
         master = crypto.open_sealed(kek, _unb64(obj["wrapped"]), _aad(obj["id"], unlocker.kdf))
-    except (ValueError, KeyError, TypeError, crypto.AuthenticationFailed):
+    # OverflowError: int(inf) from a JSON 1e400; RecursionError: a deeply nested object from storage.
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError, crypto.AuthenticationFailed):
         return None
     return master if len(master) == crypto.KEY_BYTES else None

@@ -43,8 +43,8 @@ def open_object(key: bytes, name: str, obj_type: int, data: bytes) -> dict:
         raise IntegrityError(name, str(exc)) from None
     try:
         body = json.loads(plain)
-    except ValueError as exc:
-        raise IntegrityError(name, f"body is not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: a deeply nested body exhausts the parser
+        raise IntegrityError(name, f"body is not JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(body, dict):
         raise IntegrityError(name, "body is not a JSON object")
     return body

@@ -13,7 +13,7 @@ import xxhash
 
 from . import compression, crypto
 from .errors import IntegrityError
-from .wire import FRAME_BOOKMARK, FRAME_TYPES, FRAME_WRITE, FRAME_ZERO, MAX_DISK_ID_BYTES, Frame
+from .wire import FRAME_BOOKMARK, FRAME_TYPES, FRAME_WRITE, FRAME_ZERO, MAX_DISK_ID_BYTES, MAX_FRAME_PAYLOAD_BYTES, Frame
 
 SEGMENT_MAGIC = b"LBSG"
 SEGMENT_VERSION = 1
@@ -142,7 +142,9 @@ class SegmentReader:
             raise self._bad(f"index holds {len(raw)} bytes for {self.header.frame_count} frames")
         entries = [IndexEntry(*(f for i, f in enumerate(t) if i != 2)) for t in INDEX_ENTRY.iter_unpack(raw)]
         for i, e in enumerate(entries):
-            if e.kind not in FRAME_TYPES or e.record_offset + e.record_len > idx_off:
+            # plain_len bounds decompression: without its own cap a small zstd frame could expand to 4 GiB.
+            if (e.kind not in FRAME_TYPES or e.record_offset + e.record_len > idx_off
+                    or e.plain_len > MAX_FRAME_PAYLOAD_BYTES):
                 raise self._bad(f"index entry {i} is invalid")
         return entries
 

@@ -248,9 +248,15 @@ class BatchParser:
             raise FrameError(idx, "checksum mismatch (data corrupted in transit or on disk)")
         if kind == FRAME_BOOKMARK:
             try:
-                validate_bookmark(json.loads(payload))
+                point = validate_bookmark(json.loads(payload))
             except (ValueError, RecursionError) as exc:  # deeply nested JSON exhausts the parser's stack
                 raise FrameError(idx, f"bookmark payload is not valid point JSON: {exc}") from None
+            # A disk id is <machine>.<disk>: a point for another machine in this disk's stream would put
+            # this disk into that machine's failover (one agent must not speak for another).
+            owner = self.header.disk_id.split(".", 1)[0]
+            if point["machine"] != owner:
+                raise FrameError(idx, f"bookmark names machine {point['machine']!r}, but disk "
+                                 f"{self.header.disk_id!r} belongs to machine {owner!r}")
         del self._buf[:total]
         self._index += 1
         return Frame(kind, offset, length, payload)

@@ -117,7 +117,7 @@ class BatchSender:
                     if resp.status == 409 and reply.get("error") == "out_of_order":
                         raise ResyncRequired(disk_id, f"process server expects sequence {reply.get('expected_seq')}, "
                                              f"agent sent {seq}: it lost batches it had not uploaded")
-                    if resp.status >= 500:
+                    if resp.status >= 500 or resp.status == 408:  # 408: our body was too slow; retry
                         raise _ServerError(f"HTTP {resp.status}: {reply.get('message', '')}")
                     raise SendRejected(seq, disk_id, resp.status, reply.get("message", ""))
 

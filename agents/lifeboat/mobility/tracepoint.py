@@ -19,6 +19,7 @@ logger = log.get("lifeboat.mobility.tracepoint")
 DEFAULT_TRACEFS = "/sys/kernel/tracing"
 EVENT = "events/block/block_bio_queue"
 SECTOR = 512
+MAX_TRACE_LINE_BYTES = 4096  # a trace_pipe line is ~100 bytes; a longer "line" is damage, not buffered
 
 # "<task>-<pid> [cpu] flags ts: block_bio_queue: 7,0 WS 2128 + 8 [dd]"; the task name may hold
 # spaces, so anchor on the event name rather than on column positions.
@@ -158,6 +159,14 @@ def dev_t(major: int, minor: int) -> int:
     return major << 20 | minor
 
 
+def _device_bytes(path: str) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
 def disk_devices(path: str) -> dict[tuple[int, int], int]:
     """(major, minor) -> start sector, for the whole disk at path (start 0) and each of its partitions."""
     st = os.stat(path)
@@ -263,9 +272,11 @@ class TracepointTracker:
         self.reused = False   # start() found the instance a previous agent left recording
         self.instance: str | None = None
         self._devices: dict[tuple[int, int], tuple[str, int]] = {}
+        self._blocks: dict[str, int] = {}  # blocks per disk: an event past the end must not grow the bitmap
         for disk_id, path in self.disks.items():
             for dev, start in disk_devices(path).items():
                 self._devices[dev] = (disk_id, start)
+            self._blocks[disk_id] = -(-_device_bytes(path) // block_size)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -454,6 +465,12 @@ class TracepointTracker:
             line = raw.decode(errors="replace")
             if line.strip():
                 self._ingest_line(line)
+        if len(self._tail) > MAX_TRACE_LINE_BYTES:  # no newline in sight: not trace_pipe output, and unbounded
+            self._tail = b""
+            self.stats["unparseable_lines"] += 1
+            reason = f"unparseable_trace_line: no newline in {MAX_TRACE_LINE_BYTES} bytes"
+            self._cur.mark_lost(reason)
+            self._window.mark_lost(reason)
 
     def _ingest_line(self, line: str) -> None:
         try:
@@ -474,6 +491,13 @@ class TracepointTracker:
         disk_id, start = target
         first = (start + ev.sector) * SECTOR // self.block_size
         last = ((start + ev.sector + ev.nr_sectors) * SECTOR - 1) // self.block_size
+        if last >= self._blocks[disk_id]:
+            # Impossible for a disk of this size (it grew, or the line is damaged): the bitmap would grow
+            # to the event's end (a sector near 2^64 is exabytes), so distrust the epoch instead.
+            reason = f"event_past_disk_end: {disk_id} block {last} of {self._blocks[disk_id]}"
+            self._cur.mark_lost(reason)
+            self._window.mark_lost(reason)
+            return
         self.stats["events"] += 1
         for state in (self._cur, self._window):
             state.dirty[disk_id].add(first, last - first + 1)

@@ -6,8 +6,11 @@ import asyncio
 import os
 import hmac
 import re
+import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
+import xxhash
 from aiohttp import web
 
 from ..core import logging as log
@@ -22,6 +25,9 @@ MEDIA_TYPE = "application/vnd.lifeboat.batch.v1"
 READ_CHUNK_BYTES = 256 * 1024
 _SEQ_RE = re.compile(r"^[1-9][0-9]{0,18}$")
 CREDENTIAL_PREFIX = "lbt_"   # per-machine credentials of the configuration server (control/auth.py TOKEN_PREFIX)
+# Digests of the last acknowledged batches per disk: a resend of one of them is compared with what was
+# stored, so a replayed seq with other content is refused (409 replay_mismatch), not silently "duplicate".
+REPLAY_WINDOW_BATCHES = 64
 
 
 class _Reject(Exception):
@@ -54,6 +60,9 @@ class IngestService:
         self.on_stored = on_stored          # callback(disk_id, seq) -> None
         self.on_new_disk = on_new_disk      # async callback(disk_id) -> None, adopts a disk's repo state
         self._receiving: set[str] = set()
+        self._acked_digests: dict[str, OrderedDict[int, bytes]] = {}
+        self.body_idle_timeout_seconds = 30.0   # set from ingest.body_idle_timeout_seconds
+        self.body_min_bytes_per_second = 65536  # set from ingest.body_min_bytes_per_second
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1024 * 1024)  # only bounds request.read(); bodies are streamed
@@ -134,7 +143,12 @@ class IngestService:
             await self._adopt(disk)
             acked = self.cache.acked_seq(disk)
             if seq <= acked:
-                # Idempotent resend of something already durable: acknowledge without reading it.
+                # Idempotent resend of something already durable: acknowledged, never applied again. Within
+                # the replay window the body must be the one stored; older ones are not read at all.
+                stored = self._acked_digests.get(disk, {}).get(seq)
+                if stored is not None and stored != await self._body_digest(request, length):
+                    raise _Reject(409, "replay_mismatch", f"batch {seq} of disk {disk} was already stored with "
+                                  "other content; a resend must be byte-identical", expected_seq=acked + 1)
                 self.metrics.batches.labels("duplicate").inc()
                 return web.json_response({"status": "duplicate", "seq": seq, "acked_seq": acked})
             if seq != acked + 1:
@@ -155,6 +169,31 @@ class IngestService:
             return self._reject(_Reject(500, "internal", f"batch not stored: {type(exc).__name__}: {exc}; "
                                         "the sender will retry"), request)
 
+    def _body_deadline(self, length: int) -> float:
+        return time.monotonic() + self.body_idle_timeout_seconds + length / max(1, self.body_min_bytes_per_second)
+
+    async def _read_chunk(self, request: web.Request, size: int, deadline: float) -> bytes:
+        """One bounded read with an idle timeout and the body's overall deadline (slowloris)."""
+        wait = min(self.body_idle_timeout_seconds, deadline - time.monotonic())
+        try:
+            if wait <= 0:
+                raise asyncio.TimeoutError
+            return await asyncio.wait_for(request.content.read(size), wait)
+        except asyncio.TimeoutError:
+            raise _Reject(408, "timeout", f"body not received in time (idle limit {self.body_idle_timeout_seconds:g} s, "
+                          f"at least {self.body_min_bytes_per_second} bytes/s); the sender retries") from None
+
+    async def _body_digest(self, request: web.Request, length: int) -> bytes:
+        h = xxhash.xxh3_128()
+        received = 0
+        deadline = self._body_deadline(length)
+        while chunk := await self._read_chunk(request, min(READ_CHUNK_BYTES, length - received + 1), deadline):
+            received += len(chunk)
+            if received > length:
+                raise _Reject(400, "bad_request", f"body is longer than its Content-Length {length}")
+            h.update(chunk)
+        return h.digest() if received == length else b""
+
     async def _receive(self, request: web.Request, disk: str, seq: int, length: int) -> web.Response:
         self._receiving.add(disk)
         self.cache.reserved_bytes += length
@@ -162,19 +201,22 @@ class IngestService:
         parser = BatchParser(expected_disk_id=disk, expected_seq=seq)
         fd = None
         received = 0
+        digest = xxhash.xxh3_128()
+        deadline = self._body_deadline(length)
         try:
             fd = await loop.run_in_executor(self.pool, self.cache.open_partial, disk, seq)
 
             def consume(chunk: bytes) -> None:
                 # Parse (verify checksums) and write in one worker hop, off the event loop.
                 parser.feed(chunk)
+                digest.update(chunk)
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view):]
 
             while True:
                 # Bounded read: never more than READ_CHUNK_BYTES past what Content-Length allows.
-                chunk = await request.content.read(min(READ_CHUNK_BYTES, length - received + 1))
+                chunk = await self._read_chunk(request, min(READ_CHUNK_BYTES, length - received + 1), deadline)
                 if not chunk:
                     break
                 received += len(chunk)
@@ -200,6 +242,10 @@ class IngestService:
         finally:
             self.cache.reserved_bytes -= length
             self._receiving.discard(disk)
+        recent = self._acked_digests.setdefault(disk, OrderedDict())
+        recent[seq] = digest.digest()
+        while len(recent) > REPLAY_WINDOW_BATCHES:
+            recent.popitem(last=False)
         self.cache.published(disk, seq, received)
         self.metrics.received_bytes.inc(received)
         self.metrics.batches.labels("stored").inc()

@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REJECTION_REASONS = ("unauthenticated", "bad_request", "too_large", "malformed", "truncated",
                      "out_of_order", "busy", "cache_full", "repository_unavailable", "internal",
-                     "forbidden", "auth_unavailable")
+                     "forbidden", "auth_unavailable", "timeout", "replay_mismatch")
 
 
 class ProcessServerMetrics:

@@ -81,6 +81,8 @@ class ProcessServer:
         ingest = IngestService(self.cache, token, cfg.ingest.max_batch_bytes, cfg.cache.retry_after_seconds,
                                self.metrics, self.pool, self._stored, self._adopt,
                                self._machine_of if (cfg.control.enabled or cfg.control.primary_url) else None)
+        ingest.body_idle_timeout_seconds = cfg.ingest.body_idle_timeout_seconds
+        ingest.body_min_bytes_per_second = cfg.ingest.body_min_bytes_per_second
         runner = web.AppRunner(ingest.app(), access_log=None, handle_signals=False)
         await runner.setup()
         ssl_ctx = tls.server_context(resolve_credential(cfg.ingest.tls_cert), resolve_credential(cfg.ingest.tls_key))

@@ -34,6 +34,7 @@ class Repository:
         self.object_key = crypto.derive_subkey(master, b"lifeboat-object")
         self.checkpoint_key = crypto.derive_subkey(master, b"lifeboat-checkpt")
         self._master = master
+        self.key_name: str | None = None
 
     def __repr__(self) -> str:
         return f"Repository({self.backend.location}, id={self.id})"
@@ -75,13 +76,17 @@ class Repository:
         if master is None:
             raise KeyUnlockError(f"none of the {len(names)} key objects in {backend.location} opens with this {unlocker.kdf}")
         repo = cls(backend, master, {"id": "?"})
+        repo.key_name = name  # the key object that opened it (lifeboat key rotate replaces this one)
         try:
             raw = await backend.get(CONFIG_NAME)
         except ObjectNotFound:
             raise RepositoryError(f"{backend.location} has keys but no config: initialisation never finished") from None
         config = sealed.open_object(repo.object_key, CONFIG_NAME, sealed.OBJECT_CONFIG, raw)
-        if config.get("version") != REPO_CONFIG_VERSION:
-            raise RepositoryError(f"repository config version {config.get('version')} is not supported by this build")
+        version = config.get("version")
+        if version != REPO_CONFIG_VERSION or isinstance(version, bool):  # JSON true == 1 in Python
+            raise RepositoryError(f"repository config version {version!r} is not supported by this build")
+        if not isinstance(config.get("id"), str) or not config["id"]:
+            raise IntegrityError(CONFIG_NAME, f"repository config has no valid 'id' (got {config.get('id')!r})")
         repo.config, repo.id = config, config["id"]
         return repo
 
