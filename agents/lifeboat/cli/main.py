@@ -20,7 +20,7 @@ from ..repository.open import backend_from_url
 from ..repository.repo import Repository
 from ..repository.verify import verify_repository
 from ..mobility.group_wire import NAME_RE
-from . import doctor
+from . import doctor, master_target_cmd, reprotect_cmd
 from .points import GroupFailoverRefused, group_points, machine_points, point_group, resolve, resolve_group
 from .repo_args import add_repo_args, open_from_args
 
@@ -300,6 +300,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_config_sample)
 
     doctor.add_parser(sub)
+    reprotect_cmd.add_parser(sub)
+    master_target_cmd.add_parser(sub)
     return ap
 
 

@@ -1,0 +1,65 @@
+"""`lifeboat reprotect` and `lifeboat failback`: replicate a failed-over disk back to the master target."""
+
+from __future__ import annotations
+
+import json
+
+from ..mobility.reprotect import Endpoint, reprotect
+
+
+def _token(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def _endpoints(args) -> tuple[Endpoint, Endpoint | None]:
+    mt = Endpoint(args.master_target, args.ca_cert, _token(args.token_file))
+    via = None
+    if args.via:
+        via = Endpoint(args.via, args.via_ca_cert or args.ca_cert, _token(args.via_token_file or args.token_file))
+    return mt, via
+
+
+async def cmd_reprotect(args) -> int:
+    mt, via = _endpoints(args)
+    disk = args.new_disk if args.alternate else args.disk
+    res = await reprotect(args.source_image, disk, mt, via, alternate=args.alternate, block_size=args.block_size,
+                          batch_bytes=args.batch_bytes, machine=args.machine, point_id=args.point_id,
+                          consistency=args.consistency, wait=not args.no_wait)
+    if args.json:
+        print(json.dumps(res.as_dict(), sort_keys=True))
+    elif not args.quiet:
+        print(f"{res.mode}-location reprotect of {res.disk_id}: {res.changed_bytes} changed bytes "
+              f"({res.zero_bytes} zeroed) of {res.disk_size} sent in batches {res.first_seq}..{res.last_seq} "
+              f"({res.sent_body_bytes} bytes on the wire), point {res.point_id}"
+              + (", applied" if res.applied else ", not yet applied"))
+    return 0
+
+
+def add_parser(sub) -> None:
+    for name, help_ in (("reprotect", "replicate a failed-over disk image back to the on-prem master target"),
+                        ("failback", "planned failover back: final sync (quiesce the source first), then the "
+                                     "on-prem disk is switched to that point (the latest)")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--source-image", required=True, help="the failed-over disk (image file or block device)")
+        p.add_argument("--disk", required=True, help="disk id on the master target (original location)")
+        p.add_argument("--master-target", required=True, metavar="URL", help="https://host:9444")
+        p.add_argument("--ca-cert", required=True, help="CA that signed the master target's certificate")
+        p.add_argument("--token-file", required=True, help="this sender's token, registered on the master target")
+        p.add_argument("--via", metavar="URL", help="send batches through this process server (forward mode)")
+        p.add_argument("--via-ca-cert", help="CA of the process server (default: --ca-cert)")
+        p.add_argument("--via-token-file", help="agent token of the process server (default: --token-file)")
+        p.add_argument("--block-size", type=int, default=64 * 1024, help="digest block size (default 65536)")
+        p.add_argument("--batch-bytes", type=int, default=16 * 1024 * 1024, help="payload bytes per batch")
+        p.add_argument("--machine", default="failback", help="machine name recorded in the bookmark")
+        p.add_argument("--point-id", help="the bookmark's point id (default reprotect-<unix time>)")
+        p.add_argument("--consistency", default="crash" if name == "failback" else "none",
+                       choices=("app", "crash", "none"), help="what the bookmark claims (quiesce the source first)")
+        p.add_argument("--no-wait", action="store_true", help="return once journaled, not applied")
+        p.add_argument("--json", action="store_true")
+        p.add_argument("-q", "--quiet", action="store_true")
+        if name == "reprotect":
+            p.add_argument("--alternate", action="store_true",
+                           help="alternate location: the master target creates a new image and everything is sent")
+            p.add_argument("--new-disk", help="disk id of the new image (with --alternate)")
+        p.set_defaults(fn=cmd_reprotect, alternate=False, new_disk=None)

@@ -1,0 +1,260 @@
+"""Master-target write-ahead journal: batches fsynced before acknowledgement, applied in seq order, resumable.
+
+Specified in FORMATS.md section 9. A batch is acknowledged only after its journal entry is
+complete, fsynced and renamed; the applier writes an entry's frames to the target with pwrite,
+fsyncs the target, and only then records `applied_seq` durably (state file, atomic rename). A
+crash anywhere in between re-applies the entry from its first frame at restart: every frame
+carries an absolute offset and frames apply in order, so applying an entry twice gives the same
+bytes as applying it once (idempotent), and an interrupted apply is never left half done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+
+import xxhash
+
+from ..core.errors import FormatError, LifeboatError
+from ..core.wire import FRAME_BOOKMARK, FRAME_WRITE, FRAME_ZERO, BatchParser
+from ..process_server.cache import fsync_dir, write_json_atomic
+from .registry import TargetDisk
+
+JOURNAL_MAGIC = b"LBMJ"
+JOURNAL_VERSION = 1
+# magic, version, flags, reserved, seq, body_len
+JOURNAL_HEADER = struct.Struct("<4sBBHQQ")
+JOURNAL_HEADER_CHECKSUM = struct.Struct("<Q")
+JOURNAL_SUFFIX = ".lbj"
+PARTIAL_SUFFIX = ".partial"
+STATE_FILE = "state.json"
+STATE_VERSION = 1
+SEQ_DIGITS = 20
+APPLY_READ_BYTES = 1024 * 1024
+ZERO_CHUNK_BYTES = 1024 * 1024
+# Test hook (fault injection, never set in production): sleep this long after each applied frame,
+# so that a test can SIGKILL the daemon in the middle of an entry.
+APPLY_DELAY_ENV = "LIFEBOAT_MT_APPLY_FRAME_DELAY_SECONDS"
+_ENTRY_RE = re.compile(r"^(\d{%d})\.lbj$" % SEQ_DIGITS)
+_ZEROS = bytes(ZERO_CHUNK_BYTES)
+
+
+class JournalError(LifeboatError):
+    """Master-target journal of disk {}: {}."""
+
+
+def entry_header(seq: int, body_len: int) -> bytes:
+    head = JOURNAL_HEADER.pack(JOURNAL_MAGIC, JOURNAL_VERSION, 0, 0, seq, body_len)
+    return head + JOURNAL_HEADER_CHECKSUM.pack(xxhash.xxh3_64_intdigest(head))
+
+
+def read_entry_header(disk_id: str, data: bytes, expected_seq: int) -> int:
+    """Check size → magic → version → checksum → seq; return body_len."""
+    need = JOURNAL_HEADER.size + JOURNAL_HEADER_CHECKSUM.size
+    if len(data) < need:
+        raise JournalError(disk_id, f"entry {expected_seq} is {len(data)} bytes, shorter than its {need}-byte header")
+    magic, version, _flags, _res, seq, body_len = JOURNAL_HEADER.unpack_from(data)
+    if magic != JOURNAL_MAGIC:
+        raise JournalError(disk_id, f"entry {expected_seq} has magic {magic!r}, not {JOURNAL_MAGIC!r}")
+    if version != JOURNAL_VERSION:
+        raise JournalError(disk_id, f"entry {expected_seq} has version {version}, this build reads {JOURNAL_VERSION}")
+    (check,) = JOURNAL_HEADER_CHECKSUM.unpack_from(data, JOURNAL_HEADER.size)
+    if check != xxhash.xxh3_64_intdigest(data[: JOURNAL_HEADER.size]):
+        raise JournalError(disk_id, f"entry {expected_seq}: header checksum mismatch (journal disk damaged)")
+    if seq != expected_seq:
+        raise JournalError(disk_id, f"entry file {expected_seq} says seq {seq}")
+    return body_len
+
+
+@dataclass
+class DiskJournal:
+    disk_id: str
+    folder: str
+    applied_seq: int = 0
+    applied_bytes: int = 0
+    points: list = field(default_factory=list)
+    pending: dict = field(default_factory=dict)  # seq -> entry file size
+
+    @property
+    def acked_seq(self) -> int:
+        return max([self.applied_seq, *self.pending])
+
+    @property
+    def lag_bytes(self) -> int:
+        return sum(self.pending.values())
+
+
+@dataclass
+class ApplyResult:
+    seq: int
+    frames: int
+    written_bytes: int
+    zeroed_bytes: int
+    points: list
+
+
+class Journal:
+    """Layout: <root>/<disk id>/<seq>.lbj (complete, fsynced entries) and state.json (applied_seq, points)."""
+
+    def __init__(self, root: str, retention_seconds: float) -> None:
+        self.root = root
+        self.retention_seconds = retention_seconds
+        self.disks: dict[str, DiskJournal] = {}
+        os.makedirs(root, exist_ok=True)
+        self.frame_delay = float(os.environ.get(APPLY_DELAY_ENV, "0") or 0)
+
+    def recover(self) -> dict[str, DiskJournal]:
+        """After a (re)start: drop partial entries (never acknowledged), keep complete ones above applied_seq."""
+        for disk_id in sorted(os.listdir(self.root)):
+            folder = os.path.join(self.root, disk_id)
+            if not os.path.isdir(folder):
+                continue
+            dj = self.disk(disk_id)
+            state = os.path.join(folder, STATE_FILE)
+            if os.path.exists(state):
+                with open(state) as f:
+                    doc = json.load(f)
+                if doc.get("version") != STATE_VERSION:
+                    raise JournalError(disk_id, f"{state} has version {doc.get('version')}, expected {STATE_VERSION}")
+                dj.applied_seq, dj.applied_bytes = int(doc["applied_seq"]), int(doc["applied_bytes"])
+                dj.points = list(doc.get("points", []))
+            for name in os.listdir(folder):
+                path = os.path.join(folder, name)
+                if name.endswith(PARTIAL_SUFFIX) or name.endswith(".tmp"):
+                    os.unlink(path)
+                    continue
+                m = _ENTRY_RE.match(name)
+                if m:
+                    seq = int(m.group(1))
+                    if seq <= dj.applied_seq:
+                        os.unlink(path)  # applied before the crash; its deletion was lost
+                    else:
+                        dj.pending[seq] = os.stat(path).st_size
+        return self.disks
+
+    def disk(self, disk_id: str) -> DiskJournal:
+        dj = self.disks.get(disk_id)
+        if dj is None:
+            folder = os.path.join(self.root, disk_id)
+            os.makedirs(folder, exist_ok=True)
+            dj = self.disks[disk_id] = DiskJournal(disk_id, folder)
+        return dj
+
+    def entry_path(self, disk_id: str, seq: int, partial: bool = False) -> str:
+        return os.path.join(self.root, disk_id, f"{seq:0{SEQ_DIGITS}d}" + (PARTIAL_SUFFIX if partial else JOURNAL_SUFFIX))
+
+    @property
+    def lag_bytes(self) -> int:
+        return sum(d.lag_bytes for d in self.disks.values())
+
+    # --- receiving (called from worker threads) ------------------------------------------
+
+    def open_partial(self, disk_id: str, seq: int, body_len: int) -> int:
+        self.disk(disk_id)
+        fd = os.open(self.entry_path(disk_id, seq, True), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(fd, entry_header(seq, body_len))
+        return fd
+
+    def commit(self, disk_id: str, seq: int, fd: int) -> int:
+        """fsync and publish a fully received entry; returns its size. After this the batch may be acknowledged."""
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+        os.close(fd)
+        os.rename(self.entry_path(disk_id, seq, True), self.entry_path(disk_id, seq))
+        fsync_dir(os.path.join(self.root, disk_id))
+        return size
+
+    def published(self, disk_id: str, seq: int, size: int) -> None:
+        self.disk(disk_id).pending[seq] = size
+
+    def discard_partial(self, disk_id: str, seq: int, fd: int | None) -> None:
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            os.unlink(self.entry_path(disk_id, seq, True))
+        except FileNotFoundError:
+            pass
+
+    # --- applying (worker thread) ---------------------------------------------------------
+
+    def apply_next(self, target: TargetDisk) -> ApplyResult | None:
+        """Apply the lowest pending entry of the target's disk; None when nothing is pending."""
+        dj = self.disk(target.disk_id)
+        if not dj.pending:
+            return None
+        seq = min(dj.pending)
+        if seq != dj.applied_seq + 1:
+            raise JournalError(target.disk_id, f"next entry is {seq} but {dj.applied_seq} is applied: "
+                               f"entry {dj.applied_seq + 1} is missing; resync the disk")
+        path = self.entry_path(target.disk_id, seq)
+        written = zeroed = frames = 0
+        points = []
+        with open(path, "rb") as entry:
+            head = entry.read(JOURNAL_HEADER.size + JOURNAL_HEADER_CHECKSUM.size)
+            body_len = read_entry_header(target.disk_id, head, seq)
+            parser = BatchParser(expected_disk_id=target.disk_id, expected_seq=seq)
+            fd = os.open(target.path, os.O_WRONLY)
+            try:
+                remaining = body_len
+                while remaining:
+                    chunk = entry.read(min(APPLY_READ_BYTES, remaining))
+                    if not chunk:
+                        raise JournalError(target.disk_id, f"entry {seq} ends {remaining} bytes early")
+                    remaining -= len(chunk)
+                    try:
+                        ready = parser.feed(chunk)
+                    except FormatError as exc:
+                        raise JournalError(target.disk_id, f"entry {seq} is damaged on the journal disk: {exc}") from None
+                    for frame in ready:
+                        if parser.header.disk_size != target.size:
+                            raise JournalError(target.disk_id, f"entry {seq} is for a disk of {parser.header.disk_size} "
+                                               f"bytes, the target holds {target.size}")
+                        if frame.kind == FRAME_WRITE:
+                            _pwrite_all(fd, frame.payload, frame.offset)
+                            written += frame.length
+                        elif frame.kind == FRAME_ZERO:
+                            _zero(fd, frame.offset, frame.length)
+                            zeroed += frame.length
+                        elif frame.kind == FRAME_BOOKMARK:
+                            bm = frame.bookmark()
+                            points.append({**bm, "seq": seq, "frame_index": frames, "applied_at": time.time()})
+                        frames += 1
+                        if self.frame_delay:
+                            time.sleep(self.frame_delay)
+                parser.finish()
+                os.fsync(fd)  # the target holds the entry before applied_seq says so
+            finally:
+                os.close(fd)
+        self._record_applied(dj, seq, written + zeroed, points)
+        os.unlink(path)
+        dj.pending.pop(seq, None)
+        return ApplyResult(seq, frames, written, zeroed, points)
+
+    def _record_applied(self, dj: DiskJournal, seq: int, nbytes: int, points: list) -> None:
+        horizon = time.time() - self.retention_seconds
+        kept = [p for p in dj.points + points if float(p.get("created", 0)) >= horizon or p in points]
+        doc = {"version": STATE_VERSION, "disk_id": dj.disk_id, "applied_seq": seq,
+               "applied_bytes": dj.applied_bytes + nbytes, "points": kept}
+        write_json_atomic(os.path.join(dj.folder, STATE_FILE), doc)
+        dj.applied_seq, dj.applied_bytes, dj.points = seq, doc["applied_bytes"], kept
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _zero(fd: int, offset: int, length: int) -> None:
+    while length:
+        n = min(length, ZERO_CHUNK_BYTES)
+        _pwrite_all(fd, _ZEROS[:n], offset)
+        offset, length = offset + n, length - n
