@@ -23,7 +23,7 @@ logger = log.get("lifeboat.master_target")
 
 # Shutdown stages; SHUTDOWN_BUDGET_SECONDS must stay below TimeoutStopSec= of its unit (tested).
 STOP_LISTENER_SECONDS = 5          # per listener (data, metrics)
-STOP_APPLY_DRAIN_SECONDS = 10      # an entry being applied finishes (else it is re-applied at start)
+STOP_APPLY_DRAIN_SECONDS = 5       # an entry being applied finishes (else it is re-applied at start)
 LISTENERS = 2
 SHUTDOWN_BUDGET_SECONDS = LISTENERS * STOP_LISTENER_SECONDS + STOP_APPLY_DRAIN_SECONDS
 APPLY_RETRY_MAX_SECONDS = 30.0

@@ -79,9 +79,11 @@ def test_process_server_sample_asks_for_a_key(tmp_path):
 
 def test_per_daemon_metrics_ports(tmp_path):
     assert load_text(tmp_path, ProcessServerConfig, ps_toml()).metrics.port == 9462
-    assert build(SCHEMAS["master-target"], {}).metrics.port == 9463
-    assert build(SCHEMAS["master-target"], {"metrics": {"host": "::1"}}).metrics.port == 9463
-    assert build(SCHEMAS["master-target"], {"metrics": {"port": 1}}).metrics.port == 1
+    mt = {"ingest": {"tls_cert": "server.pem", "tls_key": "server.key"}}  # the 9444 listener needs its TLS pair
+    assert build(SCHEMAS["master-target"], mt).metrics.port == 9463
+    assert build(SCHEMAS["master-target"], {**mt, "metrics": {"host": "::1"}}).metrics.port == 9463
+    assert build(SCHEMAS["master-target"], {**mt, "metrics": {"port": 1}}).metrics.port == 1
+    assert build(SCHEMAS["master-target"], mt).ingest.port == 9444
 
 
 @pytest.mark.parametrize("daemon", sorted(SCHEMAS))
