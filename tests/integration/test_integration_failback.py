@@ -205,3 +205,64 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(lab, mt, tmp_path):
     assert (status, body["status"]) == (200, "stored")
     mt.wait_applied(DISK, 1)
     assert sha256_file(onprem) != before
+
+
+def test_failback_end_to_end_protect_failover_reprotect_failback_reenable(lab, mt, tmp_path):
+    """Every stage on one host with image files, each ending bit-exact; reprotect and re-enable send only changes."""
+    size = 32 << 20
+    onprem = make_image(tmp_path / "onprem.img", 32, seed=41)
+    # 1. Protect and write: two forward points in the repository.
+    lab.start_ps()
+    assert lab.run_agent("web01", {"sda": onprem}, cycles=1) == 0
+    change_blocks(onprem, 8, seed=42)
+    assert lab.run_agent("web01", {"sda": onprem}, cycles=1) == 0
+    lab.wait_points(2)
+    protected = sha256_file(onprem)
+    forward_bytes = lab.ps_metrics()["lifeboat_ps_received_bytes_total"]
+    # 2. Failover to the latest point (the failed-over machine's disk; the on-prem machine is off).
+    failed_over = tmp_path / "failed-over.img"
+    res = lab.failover("latest", failed_over)
+    assert res.returncode == 0, res.stderr
+    assert sha256_file(failed_over) == protected
+    # 3. The failed-over machine keeps writing.
+    changed = change_blocks(failed_over, 20, seed=43)
+    # 4. Reprotect, original location: only the differing blocks cross the wire.
+    mt.add_disk("web01.sda", onprem)
+    mt.start()
+    proxy = CountingProxy(mt.port)
+    try:
+        url = f"https://127.0.0.1:{proxy.port}"
+        rep = reprotect_cli(failed_over, "web01.sda", url, mt.ca_cert, mt.token_file)
+        assert rep["applied"] and rep["changed_bytes"] == changed
+        assert sha256_file(onprem) == sha256_file(failed_over)
+        assert proxy.up_bytes <= changed * 1.05, (proxy.up_bytes, changed)
+        # 5. Planned failover back: more writes, then the final sync with the source quiesced.
+        changed2 = change_blocks(failed_over, 6, seed=44)
+        up_before = proxy.up_bytes
+        fb = reprotect_cli(failed_over, "web01.sda", url, mt.ca_cert, mt.token_file, "--point-id", "failback-final",
+                           command="failback")
+        assert fb["applied"] and fb["changed_bytes"] == changed2 and fb["first_seq"] == rep["last_seq"] + 1
+        assert proxy.up_bytes - up_before <= changed2 * 1.05 + 16 * 1024  # one TLS handshake + headers
+    finally:
+        proxy.close()
+    failed_back = sha256_file(onprem)
+    assert failed_back == sha256_file(failed_over)
+    [final] = [p for p in _points(mt, "web01.sda") if p["point_id"] == "failback-final"]
+    assert final["consistency"] == "crash" and final["seq"] == fb["last_seq"]
+    mt.stop()
+    # 6. Re-enable: forward replication restarts from the on-prem disk; the agent's digest map
+    #    (what the repository holds) makes it a digest resync, not a full copy.
+    assert lab.run_agent("web01", {"sda": onprem}, cycles=1) == 0
+    points = lab.wait_points(3)
+    resync_bytes = lab.ps_metrics()["lifeboat_ps_received_bytes_total"] - forward_bytes
+    assert resync_bytes < (changed + changed2) * 1.05 + 64 * 1024, resync_bytes
+    assert resync_bytes < size / 8
+    latest = tmp_path / "re-enabled.img"
+    res = lab.failover(points[-1]["point_id"], latest)
+    assert res.returncode == 0, res.stderr
+    assert sha256_file(latest) == failed_back
+
+
+def _points(mt, disk: str) -> list[dict]:
+    state = mt.state_dir / "journal" / disk / "state.json"
+    return json.loads(state.read_text())["points"]
