@@ -105,7 +105,8 @@ class MasterTargetProc:
 
 
 def reprotect_cli(source, disk, url, ca_cert, token_file, *extra: str, check: bool = True, command: str = "reprotect"):
-    cmd = [bin_path("lifeboat"), command, "--source-image", str(source), "--disk", disk, "--master-target", url,
+    cmd = [bin_path("lifeboat"), command, *(["--source-image", str(source)] if source else []), "--disk", disk,
+           "--master-target", url,
            "--ca-cert", str(ca_cert), "--token-file", str(token_file), "--json", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if not check:

@@ -266,3 +266,33 @@ def test_failback_end_to_end_protect_failover_reprotect_failback_reenable(lab, m
 def _points(mt, disk: str) -> list[dict]:
     state = mt.state_dir / "journal" / disk / "state.json"
     return json.loads(state.read_text())["points"]
+
+
+def test_failover_back_is_cancellable_until_switch_and_the_hold_survives_a_restart(lab, mt, tmp_path):
+    onprem = make_image(tmp_path / "onprem.img", 8, seed=51)
+    failed_over = tmp_path / "failed-over.img"
+    shutil.copyfile(onprem, failed_over)
+    change_blocks(failed_over, 10, seed=52)
+    mt.add_disk(DISK, onprem)
+    mt.start()
+    before = sha256_file(onprem)
+    args = (mt.url, mt.ca_cert, mt.token_file)
+    prep = reprotect_cli(failed_over, DISK, *args, "--stage", "prepare", command="failback")
+    assert prep["changed_bytes"] == 10 * BLOCK and not prep.get("applied")
+    assert sha256_file(onprem) == before                      # journaled, not applied
+    mt.stop(signal.SIGKILL)                                   # the hold is durable: a restart applies nothing
+    mt.start()
+    time.sleep(0.5)  # give a (wrong) applier the chance to run; the assertion below does not depend on timing
+    assert sha256_file(onprem) == before
+    assert mt.health()["disks"][DISK]["acked_seq"] == prep["last_seq"]
+    cancelled = reprotect_cli(None, DISK, *args, "--stage", "cancel", command="failback")
+    assert cancelled["dropped"] == list(range(prep["first_seq"], prep["last_seq"] + 1))
+    assert sha256_file(onprem) == before
+    # A cancel after a switch is refused; the second attempt goes through to the end.
+    prep2 = reprotect_cli(failed_over, DISK, *args, "--stage", "prepare", command="failback")
+    assert prep2["first_seq"] == prep["first_seq"]            # the dropped sequence numbers are reused
+    done = reprotect_cli(None, DISK, *args, "--stage", "switch", command="failback")
+    assert done["applied"] and sha256_file(onprem) == sha256_file(failed_over)
+    proc = reprotect_cli(None, DISK, *args, "--stage", "cancel", command="failback", check=False)
+    assert proc.returncode != 0 and "cannot be undone" in proc.stderr
+    assert sha256_file(onprem) == sha256_file(failed_over)

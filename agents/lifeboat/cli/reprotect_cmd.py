@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..mobility.reprotect import Endpoint, reprotect
+from ..mobility.reprotect import Endpoint, failback, reprotect
 
 
 def _token(path: str) -> str:
@@ -36,12 +36,33 @@ async def cmd_reprotect(args) -> int:
     return 0
 
 
+async def cmd_failback(args) -> int:
+    mt, via = _endpoints(args)
+    out = await failback(args.source_image, args.disk, mt, via, stage=args.stage, block_size=args.block_size,
+                         batch_bytes=args.batch_bytes, machine=args.machine, point_id=args.point_id,
+                         consistency=args.consistency)
+    if args.json:
+        print(json.dumps(out, sort_keys=True))
+    elif not args.quiet:
+        if args.stage == "cancel":
+            print(f"failover back of {args.disk} cancelled: {len(out['dropped'])} held batches dropped, the disk "
+                  f"stays at sequence {out['applied_seq']}")
+        elif args.stage == "prepare":
+            print(f"failover back of {args.disk} prepared: final sync of {out['changed_bytes']} bytes journaled, "
+                  "not applied; run --stage switch (or cancel)")
+        else:
+            print(f"failed back {args.disk}: the on-prem disk is at point {out.get('point_id')} "
+                  f"(sequence {out['applied_seq']})")
+    return 0
+
+
 def add_parser(sub) -> None:
     for name, help_ in (("reprotect", "replicate a failed-over disk image back to the on-prem master target"),
                         ("failback", "planned failover back: final sync (quiesce the source first), then the "
                                      "on-prem disk is switched to that point (the latest)")):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--source-image", required=True, help="the failed-over disk (image file or block device)")
+        p.add_argument("--source-image", required=name == "reprotect",
+                       help="the failed-over disk (image file or block device)")
         p.add_argument("--disk", required=True, help="disk id on the master target (original location)")
         p.add_argument("--master-target", required=True, metavar="URL", help="https://host:9444")
         p.add_argument("--ca-cert", required=True, help="CA that signed the master target's certificate")
@@ -62,4 +83,8 @@ def add_parser(sub) -> None:
             p.add_argument("--alternate", action="store_true",
                            help="alternate location: the master target creates a new image and everything is sent")
             p.add_argument("--new-disk", help="disk id of the new image (with --alternate)")
-        p.set_defaults(fn=cmd_reprotect, alternate=False, new_disk=None)
+        else:
+            p.add_argument("--stage", choices=("all", "prepare", "switch", "cancel"), default="all",
+                           help="prepare: hold the on-prem disk and journal the final sync (cancellable); switch: "
+                                "apply it; cancel: drop it (only before switch); all: prepare + switch")
+        p.set_defaults(fn=cmd_reprotect if name == "reprotect" else cmd_failback, alternate=False, new_disk=None)

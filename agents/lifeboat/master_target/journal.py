@@ -32,6 +32,7 @@ JOURNAL_HEADER_CHECKSUM = struct.Struct("<Q")
 JOURNAL_SUFFIX = ".lbj"
 PARTIAL_SUFFIX = ".partial"
 STATE_FILE = "state.json"
+HOLD_FILE = "hold"   # present: entries are journaled but not applied (failover back in preparation)
 STATE_VERSION = 1
 SEQ_DIGITS = 20
 APPLY_READ_BYTES = 1024 * 1024
@@ -78,6 +79,7 @@ class DiskJournal:
     applied_bytes: int = 0
     points: list = field(default_factory=list)
     pending: dict = field(default_factory=dict)  # seq -> entry file size
+    held: bool = False
 
     @property
     def acked_seq(self) -> int:
@@ -122,6 +124,7 @@ class Journal:
                     raise JournalError(disk_id, f"{state} has version {doc.get('version')}, expected {STATE_VERSION}")
                 dj.applied_seq, dj.applied_bytes = int(doc["applied_seq"]), int(doc["applied_bytes"])
                 dj.points = list(doc.get("points", []))
+            dj.held = os.path.exists(os.path.join(folder, HOLD_FILE))
             for name in os.listdir(folder):
                 path = os.path.join(folder, name)
                 if name.endswith(PARTIAL_SUFFIX) or name.endswith(".tmp"):
@@ -182,12 +185,45 @@ class Journal:
         except FileNotFoundError:
             pass
 
+    # --- failover back: hold, then switch (release) or cancel ---------------------------
+
+    def hold(self, disk_id: str) -> None:
+        """Stop applying after the entry in progress; persisted, so a restart does not apply either."""
+        dj = self.disk(disk_id)
+        with open(os.path.join(dj.folder, HOLD_FILE), "w") as f:
+            f.write("held\n")
+            os.fsync(f.fileno())
+        fsync_dir(dj.folder)
+        dj.held = True
+
+    def release(self, disk_id: str) -> None:
+        dj = self.disk(disk_id)
+        try:
+            os.unlink(os.path.join(dj.folder, HOLD_FILE))
+        except FileNotFoundError:
+            pass
+        fsync_dir(dj.folder)
+        dj.held = False
+
+    def cancel(self, disk_id: str) -> list[int]:
+        """Drop the held, never-applied entries (the target stays at applied_seq), then release the hold."""
+        dj = self.disk(disk_id)
+        if not dj.held:
+            raise JournalError(disk_id, "nothing to cancel: no failover back is being prepared (no hold)")
+        dropped = sorted(dj.pending)
+        for seq in dropped:
+            os.unlink(self.entry_path(disk_id, seq))
+            dj.pending.pop(seq)
+        fsync_dir(dj.folder)
+        self.release(disk_id)
+        return dropped
+
     # --- applying (worker thread) ---------------------------------------------------------
 
     def apply_next(self, target: TargetDisk) -> ApplyResult | None:
         """Apply the lowest pending entry of the target's disk; None when nothing is pending."""
         dj = self.disk(target.disk_id)
-        if not dj.pending:
+        if not dj.pending or dj.held:
             return None
         seq = min(dj.pending)
         if seq != dj.applied_seq + 1:

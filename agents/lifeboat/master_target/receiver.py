@@ -8,6 +8,9 @@ Endpoints (FORMATS.md sections 1 and 9), all with `Authorization: Bearer <regist
   everything acknowledged is applied (reprotect, original location).
 - `POST /api/v1/disks/<disk>` `{"size": N}`: create a new zero-filled image for an unregistered
   disk id in the alternate directory (reprotect, alternate location).
+- `POST /api/v1/disks/<disk>/failback` `{"action": "hold" | "switch" | "cancel"}`: failover back.
+  hold: journal but do not apply; switch: apply what is journaled (the disk moves to the final
+  point); cancel: drop the held entries, the disk stays where it was (only before switch).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class Receiver:
         app.router.add_post(API_PREFIX + "/disks/{disk}", self.create_disk)
         app.router.add_put(API_PREFIX + "/disks/{disk}/batches/{seq}", self.put_batch)
         app.router.add_get(API_PREFIX + "/disks/{disk}/digests", self.get_digests)
+        app.router.add_post(API_PREFIX + "/disks/{disk}/failback", self.failback)
         return app
 
     # --- common checks ----------------------------------------------------------------------
@@ -111,10 +115,44 @@ class Receiver:
             target = self._target(disk)
         except _Reject as exc:
             return self._reject(exc, request)
+        return web.json_response(self._disk_state(disk, target))
+
+    def _disk_state(self, disk: str, target: TargetDisk) -> dict:
         dj = self.journal.disk(disk)
-        return web.json_response({"disk_id": disk, "disk_size": target.size, "acked_seq": dj.acked_seq,
-                                  "applied_seq": dj.applied_seq, "applied_bytes": dj.applied_bytes,
-                                  "lag_bytes": dj.lag_bytes, "points": dj.points})
+        return {"disk_id": disk, "disk_size": target.size, "acked_seq": dj.acked_seq, "applied_seq": dj.applied_seq,
+                "applied_bytes": dj.applied_bytes, "lag_bytes": dj.lag_bytes, "held": dj.held, "points": dj.points}
+
+    async def failback(self, request: web.Request) -> web.Response:
+        try:
+            sender = self._sender(request)
+            disk = self._disk_id(request)
+            target = self._target(disk)
+            try:
+                action = json.loads(await request.read())["action"]
+            except (ValueError, KeyError, TypeError):
+                raise _Reject(400, "bad_request", 'body must be JSON {"action": "hold" | "switch" | "cancel"}') from None
+            dj = self.journal.disk(disk)
+            loop = asyncio.get_running_loop()
+            dropped: list[int] = []
+            if action == "hold":
+                await loop.run_in_executor(self.pool, self.journal.hold, disk)
+            elif action == "switch":
+                await loop.run_in_executor(self.pool, self.journal.release, disk)
+                self.on_stored(disk)
+            elif action == "cancel":
+                if not dj.held:
+                    raise _Reject(409, "bad_request", f"disk {disk} has no failover back in preparation (or it "
+                                  "has switched already: applying cannot be undone)")
+                dropped = await loop.run_in_executor(self.pool, self.journal.cancel, disk)
+                self.metrics.acked_seq.labels(disk).set(dj.acked_seq)
+                self.metrics.lag.labels(disk).set(dj.lag_bytes)
+            else:
+                raise _Reject(400, "bad_request", f"action {action!r} is not hold, switch or cancel")
+        except _Reject as exc:
+            return self._reject(exc, request)
+        logger.info("failover back", DISK=disk, action=action, sender=sender, dropped=len(dropped),
+                    acked_seq=dj.acked_seq, applied_seq=dj.applied_seq)
+        return web.json_response({**self._disk_state(disk, target), "dropped": dropped})
 
     async def create_disk(self, request: web.Request) -> web.Response:
         try:

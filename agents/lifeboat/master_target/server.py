@@ -47,8 +47,9 @@ class DiskApplier:
         journal, metrics = self.mt.journal, self.mt.metrics
         while True:
             dj = journal.disk(self.disk_id)
-            if not dj.pending:
-                self.idle.set()
+            if not dj.pending or dj.held:
+                if not dj.pending:
+                    self.idle.set()
                 self.wakeup.clear()
                 await self.wakeup.wait()
                 continue

@@ -115,6 +115,60 @@ async def create_alternate(mt: BatchSender, disk_id: str, disk_size: int) -> dic
         return body
 
 
+async def failback_action(mt: BatchSender, disk_id: str, action: str) -> dict:
+    assert mt.session
+    async with mt.session.post(f"{mt.url}{API_PREFIX}/disks/{disk_id}/failback", json={"action": action}) as resp:
+        body = await _reply(resp)
+        if resp.status != 200:
+            raise ReprotectError(disk_id, f"failover back {action} refused: HTTP {resp.status} {body.get('message', '')}")
+        return body
+
+
+async def wait_seq(mt: BatchSender, disk_id: str, key: str, seq: int, timeout: float) -> dict:
+    """Poll the master target until its `key` (acked_seq or applied_seq) reaches seq."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        info = await disk_info(mt, disk_id)
+        if int(info[key]) >= seq:
+            return info
+        if loop.time() > deadline:
+            raise ReprotectError(disk_id, f"{key} is {info[key]}, not {seq}, after {timeout:g} s; "
+                                 "check the master target's /healthz (and the process server's, when forwarding)")
+        await asyncio.sleep(APPLY_POLL_SECONDS)
+
+
+async def failback(source: str | None, disk_id: str, master_target: Endpoint, via: Endpoint | None = None,
+                   stage: str = "all", wait_timeout: float = 600.0, **reprotect_kw) -> dict:
+    """Planned failover back. prepare: hold the target, final sync (journaled, not applied; cancellable);
+    switch: apply it, the on-prem disk is then at the final point; cancel: drop it; all: prepare + switch.
+    Quiesce (or stop) the failed-over machine before prepare: the final point is what the source holds then."""
+    out: dict = {"disk_id": disk_id, "stage": stage}
+    async with master_target.sender() as mt:
+        if stage in ("prepare", "all"):
+            if not source:
+                raise ReprotectError(disk_id, "--source-image is required to prepare a failover back")
+            info = await disk_info(mt, disk_id)
+            # Everything from before is applied first, so that a cancel drops only the final sync.
+            await wait_seq(mt, disk_id, "applied_seq", int(info["acked_seq"]), wait_timeout)
+            await failback_action(mt, disk_id, "hold")
+            res = await reprotect(source, disk_id, master_target, via, wait=False, wait_timeout=wait_timeout,
+                                  **reprotect_kw)
+            await wait_seq(mt, disk_id, "acked_seq", res.last_seq, wait_timeout)
+            out.update(res.as_dict())
+            out["stage"] = stage
+        if stage == "cancel":
+            reply = await failback_action(mt, disk_id, "cancel")
+            out.update(dropped=reply["dropped"], applied_seq=reply["applied_seq"], applied=False)
+        if stage in ("switch", "all"):
+            reply = await failback_action(mt, disk_id, "switch")
+            info = await wait_seq(mt, disk_id, "applied_seq", int(reply["acked_seq"]), wait_timeout)
+            out.update(applied_seq=info["applied_seq"], applied=True, point_id=(info["points"] or [{}])[-1].get(
+                "point_id", out.get("point_id")))
+    logger.info("failover back", DISK=disk_id, stage=stage, applied=out.get("applied"), POINT=out.get("point_id"))
+    return out
+
+
 async def reprotect(source: str, disk_id: str, master_target: Endpoint, via: Endpoint | None = None,
                     alternate: bool = False, block_size: int = 64 * 1024, batch_bytes: int = 16 * 1024 * 1024,
                     extent_max: int = 1024 * 1024, machine: str = "failback", point_id: str | None = None,
