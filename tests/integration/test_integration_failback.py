@@ -296,3 +296,29 @@ def test_failover_back_is_cancellable_until_switch_and_the_hold_survives_a_resta
     proc = reprotect_cli(None, DISK, *args, "--stage", "cancel", command="failback", check=False)
     assert proc.returncode != 0 and "cannot be undone" in proc.stderr
     assert sha256_file(onprem) == sha256_file(failed_over)
+
+
+def test_switch_back_to_an_earlier_failback_point(lab, mt, tmp_path):
+    """Undo records let the on-prem disk go back to an earlier retained point, bit-exact; reprotect then resumes."""
+    onprem = make_image(tmp_path / "onprem.img", 8, seed=61)
+    failed_over = tmp_path / "failed-over.img"
+    shutil.copyfile(onprem, failed_over)
+    mt.add_disk(DISK, onprem)
+    mt.start()
+    args = (mt.url, mt.ca_cert, mt.token_file)
+    change_blocks(failed_over, 12, seed=62)
+    reprotect_cli(failed_over, DISK, *args, "--point-id", "point-a")
+    at_a = sha256_file(failed_over)
+    assert sha256_file(onprem) == at_a
+    change_blocks(failed_over, 12, seed=63)
+    reprotect_cli(failed_over, DISK, *args, "--point-id", "point-b")
+    assert sha256_file(onprem) == sha256_file(failed_over) != at_a
+    out = reprotect_cli(None, DISK, *args, "--stage", "rollback", "--point", "point-a", command="failback")
+    assert out["point_id"] == "point-a"
+    assert sha256_file(onprem) == at_a
+    proc = reprotect_cli(None, DISK, *args, "--stage", "rollback", "--point", "point-b", command="failback",
+                         check=False)
+    assert proc.returncode != 0 and "no retained failback point 'point-b'" in proc.stderr
+    again = reprotect_cli(failed_over, DISK, *args)
+    assert again["changed_bytes"] == 12 * BLOCK  # exactly what point-b had added
+    assert sha256_file(onprem) == sha256_file(failed_over)

@@ -38,13 +38,16 @@ async def cmd_reprotect(args) -> int:
 
 async def cmd_failback(args) -> int:
     mt, via = _endpoints(args)
-    out = await failback(args.source_image, args.disk, mt, via, stage=args.stage, block_size=args.block_size,
+    out = await failback(args.source_image, args.disk, mt, via, stage=args.stage, rollback_point=args.point,
+                         block_size=args.block_size,
                          batch_bytes=args.batch_bytes, machine=args.machine, point_id=args.point_id,
                          consistency=args.consistency)
     if args.json:
         print(json.dumps(out, sort_keys=True))
     elif not args.quiet:
-        if args.stage == "cancel":
+        if args.stage == "rollback":
+            print(f"{args.disk} switched back to failback point {args.point} (sequence {out['applied_seq']})")
+        elif args.stage == "cancel":
             print(f"failover back of {args.disk} cancelled: {len(out['dropped'])} held batches dropped, the disk "
                   f"stays at sequence {out['applied_seq']}")
         elif args.stage == "prepare":
@@ -84,7 +87,9 @@ def add_parser(sub) -> None:
                            help="alternate location: the master target creates a new image and everything is sent")
             p.add_argument("--new-disk", help="disk id of the new image (with --alternate)")
         else:
-            p.add_argument("--stage", choices=("all", "prepare", "switch", "cancel"), default="all",
+            p.add_argument("--stage", choices=("all", "prepare", "switch", "cancel", "rollback"), default="all",
                            help="prepare: hold the on-prem disk and journal the final sync (cancellable); switch: "
-                                "apply it; cancel: drop it (only before switch); all: prepare + switch")
+                                "apply it; cancel: drop it (only before switch); all: prepare + switch; rollback: "
+                                "switch the on-prem disk to an earlier retained failback point (--point)")
+            p.add_argument("--point", help="with --stage rollback: the failback point id")
         p.set_defaults(fn=cmd_reprotect if name == "reprotect" else cmd_failback, alternate=False, new_disk=None)

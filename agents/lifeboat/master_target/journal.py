@@ -16,13 +16,15 @@ import re
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import xxhash
 
 from ..core.errors import FormatError, LifeboatError
-from ..core.wire import FRAME_BOOKMARK, FRAME_WRITE, FRAME_ZERO, BatchParser
+from ..core.wire import FRAME_BOOKMARK, FRAME_WRITE, FRAME_ZERO, BatchParser, Frame
 from ..process_server.cache import fsync_dir, write_json_atomic
 from .registry import TargetDisk
+from .undo import UNDO_SUFFIX, UndoWriter, check_undo, undo_records_reversed
 
 JOURNAL_MAGIC = b"LBMJ"
 JOURNAL_VERSION = 1
@@ -41,6 +43,7 @@ ZERO_CHUNK_BYTES = 1024 * 1024
 # so that a test can SIGKILL the daemon in the middle of an entry.
 APPLY_DELAY_ENV = "LIFEBOAT_MT_APPLY_FRAME_DELAY_SECONDS"
 _ENTRY_RE = re.compile(r"^(\d{%d})\.lbj$" % SEQ_DIGITS)
+_UNDO_RE = re.compile(r"^(\d{%d})\.undo$" % SEQ_DIGITS)
 _ZEROS = bytes(ZERO_CHUNK_BYTES)
 
 
@@ -80,6 +83,8 @@ class DiskJournal:
     points: list = field(default_factory=list)
     pending: dict = field(default_factory=dict)  # seq -> entry file size
     held: bool = False
+    undo_void: dict = field(default_factory=dict)   # str(seq) -> first frame index whose undo record is void
+    rollback: dict | None = None                    # an interrupted switch to an earlier point
 
     @property
     def acked_seq(self) -> int:
@@ -124,6 +129,8 @@ class Journal:
                     raise JournalError(disk_id, f"{state} has version {doc.get('version')}, expected {STATE_VERSION}")
                 dj.applied_seq, dj.applied_bytes = int(doc["applied_seq"]), int(doc["applied_bytes"])
                 dj.points = list(doc.get("points", []))
+                dj.undo_void = dict(doc.get("undo_void", {}))
+                dj.rollback = doc.get("rollback")
             dj.held = os.path.exists(os.path.join(folder, HOLD_FILE))
             for name in os.listdir(folder):
                 path = os.path.join(folder, name)
@@ -220,8 +227,50 @@ class Journal:
 
     # --- applying (worker thread) ---------------------------------------------------------
 
+    def undo_path(self, disk_id: str, seq: int) -> str:
+        return os.path.join(self.root, disk_id, f"{seq:0{SEQ_DIGITS}d}" + UNDO_SUFFIX)
+
+    def _entry_frames(self, target: TargetDisk, seq: int) -> Iterator[tuple[int, Frame]]:
+        """Verified (index, frame) of a journal entry, read in bounded chunks (never the whole entry)."""
+        with open(self.entry_path(target.disk_id, seq), "rb") as entry:
+            head = entry.read(JOURNAL_HEADER.size + JOURNAL_HEADER_CHECKSUM.size)
+            remaining = read_entry_header(target.disk_id, head, seq)
+            parser = BatchParser(expected_disk_id=target.disk_id, expected_seq=seq)
+            index = 0
+            while remaining:
+                chunk = entry.read(min(APPLY_READ_BYTES, remaining))
+                if not chunk:
+                    raise JournalError(target.disk_id, f"entry {seq} ends {remaining} bytes early")
+                remaining -= len(chunk)
+                try:
+                    ready = parser.feed(chunk)
+                except FormatError as exc:
+                    raise JournalError(target.disk_id, f"entry {seq} is damaged on the journal disk: {exc}") from None
+                if parser.header is not None and parser.header.disk_size != target.size:
+                    raise JournalError(target.disk_id, f"entry {seq} is for a disk of {parser.header.disk_size} "
+                                       f"bytes, the target holds {target.size}")
+                for frame in ready:
+                    yield index, frame
+                    index += 1
+            try:
+                parser.finish()
+            except FormatError as exc:
+                raise JournalError(target.disk_id, f"entry {seq} is damaged on the journal disk: {exc}") from None
+
+    def _entry_digest(self, disk_id: str, seq: int) -> int:
+        h = xxhash.xxh3_64()
+        with open(self.entry_path(disk_id, seq), "rb") as f:
+            f.seek(JOURNAL_HEADER.size + JOURNAL_HEADER_CHECKSUM.size)
+            while chunk := f.read(APPLY_READ_BYTES):
+                h.update(chunk)
+        return h.intdigest()
+
     def apply_next(self, target: TargetDisk) -> ApplyResult | None:
-        """Apply the lowest pending entry of the target's disk; None when nothing is pending."""
+        """Apply the lowest pending entry of the target's disk; None when nothing is pending (or held).
+
+        Write-ahead order, per frame: undo record (the bytes it will overwrite) fsynced → frame
+        pwritten; then target fsynced → applied_seq recorded → entry deleted.
+        """
         dj = self.disk(target.disk_id)
         if not dj.pending or dj.held:
             return None
@@ -229,57 +278,107 @@ class Journal:
         if seq != dj.applied_seq + 1:
             raise JournalError(target.disk_id, f"next entry is {seq} but {dj.applied_seq} is applied: "
                                f"entry {dj.applied_seq + 1} is missing; resync the disk")
-        path = self.entry_path(target.disk_id, seq)
         written = zeroed = frames = 0
         points = []
-        with open(path, "rb") as entry:
-            head = entry.read(JOURNAL_HEADER.size + JOURNAL_HEADER_CHECKSUM.size)
-            body_len = read_entry_header(target.disk_id, head, seq)
-            parser = BatchParser(expected_disk_id=target.disk_id, expected_seq=seq)
-            fd = os.open(target.path, os.O_WRONLY)
-            try:
-                remaining = body_len
-                while remaining:
-                    chunk = entry.read(min(APPLY_READ_BYTES, remaining))
-                    if not chunk:
-                        raise JournalError(target.disk_id, f"entry {seq} ends {remaining} bytes early")
-                    remaining -= len(chunk)
-                    try:
-                        ready = parser.feed(chunk)
-                    except FormatError as exc:
-                        raise JournalError(target.disk_id, f"entry {seq} is damaged on the journal disk: {exc}") from None
-                    for frame in ready:
-                        if parser.header.disk_size != target.size:
-                            raise JournalError(target.disk_id, f"entry {seq} is for a disk of {parser.header.disk_size} "
-                                               f"bytes, the target holds {target.size}")
-                        if frame.kind == FRAME_WRITE:
-                            _pwrite_all(fd, frame.payload, frame.offset)
-                            written += frame.length
-                        elif frame.kind == FRAME_ZERO:
-                            _zero(fd, frame.offset, frame.length)
-                            zeroed += frame.length
-                        elif frame.kind == FRAME_BOOKMARK:
-                            bm = frame.bookmark()
-                            points.append({**bm, "seq": seq, "frame_index": frames, "applied_at": time.time()})
-                        frames += 1
-                        if self.frame_delay:
-                            time.sleep(self.frame_delay)
-                parser.finish()
-                os.fsync(fd)  # the target holds the entry before applied_seq says so
-            finally:
-                os.close(fd)
+        fd = os.open(target.path, os.O_RDWR)
+        undo = UndoWriter(self.undo_path(target.disk_id, seq), seq, self._entry_digest(target.disk_id, seq))
+        try:
+            for index, frame in self._entry_frames(target, seq):
+                if frame.kind in (FRAME_WRITE, FRAME_ZERO) and index > undo.last_index:
+                    undo.record(index, fd, frame)  # durable before the frame changes the target
+                if frame.kind == FRAME_WRITE:
+                    _pwrite_all(fd, frame.payload, frame.offset)
+                    written += frame.length
+                elif frame.kind == FRAME_ZERO:
+                    _zero(fd, frame.offset, frame.length)
+                    zeroed += frame.length
+                elif frame.kind == FRAME_BOOKMARK:
+                    points.append({**frame.bookmark(), "seq": seq, "frame_index": index, "applied_at": time.time()})
+                frames += 1
+                if self.frame_delay:
+                    time.sleep(self.frame_delay)
+            os.fsync(fd)  # the target holds the entry before applied_seq says so
+        finally:
+            undo.close()
+            os.close(fd)
         self._record_applied(dj, seq, written + zeroed, points)
-        os.unlink(path)
+        os.unlink(self.entry_path(target.disk_id, seq))
         dj.pending.pop(seq, None)
         return ApplyResult(seq, frames, written, zeroed, points)
 
+    def _write_state(self, dj: DiskJournal, **changes) -> None:
+        doc = {"version": STATE_VERSION, "disk_id": dj.disk_id, "applied_seq": dj.applied_seq,
+               "applied_bytes": dj.applied_bytes, "points": dj.points, "undo_void": dj.undo_void,
+               "rollback": dj.rollback, **changes}
+        write_json_atomic(os.path.join(dj.folder, STATE_FILE), doc)
+        dj.applied_seq, dj.applied_bytes, dj.points = doc["applied_seq"], doc["applied_bytes"], doc["points"]
+        dj.undo_void, dj.rollback = doc["undo_void"], doc["rollback"]
+
     def _record_applied(self, dj: DiskJournal, seq: int, nbytes: int, points: list) -> None:
         horizon = time.time() - self.retention_seconds
-        kept = [p for p in dj.points + points if float(p.get("created", 0)) >= horizon or p in points]
-        doc = {"version": STATE_VERSION, "disk_id": dj.disk_id, "applied_seq": seq,
-               "applied_bytes": dj.applied_bytes + nbytes, "points": kept}
-        write_json_atomic(os.path.join(dj.folder, STATE_FILE), doc)
-        dj.applied_seq, dj.applied_bytes, dj.points = seq, doc["applied_bytes"], kept
+        kept = [p for p in dj.points if float(p.get("created", 0)) >= horizon] + points
+        void = {k: v for k, v in dj.undo_void.items() if int(k) != seq}  # a new undo file for seq replaced it
+        self._write_state(dj, applied_seq=seq, applied_bytes=dj.applied_bytes + nbytes, points=kept, undo_void=void)
+        self._prune_undo(dj)
+
+    def _prune_undo(self, dj: DiskJournal) -> None:
+        """Undo files older than the oldest retained point can never be used: the failback retention bounds them."""
+        floor = min((int(p["seq"]) for p in dj.points), default=dj.applied_seq + 1)
+        for name in os.listdir(dj.folder):
+            m = _UNDO_RE.match(name)
+            if m and (int(m.group(1)) < floor or int(m.group(1)) > dj.applied_seq + 1):
+                os.unlink(os.path.join(dj.folder, name))
+
+    # --- switching to an earlier point ------------------------------------------------------
+
+    def rollback(self, target: TargetDisk, point_id: str) -> dict:
+        """Switch the target back to a retained earlier point by applying undo records newest first.
+
+        Only with nothing journaled and unapplied (cancel a held final sync first). The intent is
+        recorded before the first byte changes, so a crash mid-way resumes (resume_rollback) and
+        ends at the same bytes. Afterwards acked_seq = the point's seq: later batches continue from it.
+        """
+        dj = self.disk(target.disk_id)
+        if dj.pending:
+            raise JournalError(target.disk_id, f"{len(dj.pending)} journaled batches are not applied: cancel the "
+                               "failover back (or let them apply) before switching to an earlier point")
+        matches = [p for p in dj.points if p["point_id"] == point_id]
+        if not matches:
+            known = ", ".join(p["point_id"] for p in dj.points) or "none"
+            raise JournalError(target.disk_id, f"no retained failback point {point_id!r} (retained: {known})")
+        point = matches[-1]
+        seq, frame = int(point["seq"]), int(point["frame_index"])
+        for n in range(seq, dj.applied_seq + 1):  # every record needed is intact before anything changes
+            check_undo(self.undo_path(target.disk_id, n), n)
+        self._write_state(dj, rollback={"point_id": point_id, "seq": seq, "frame_index": frame})
+        return self.resume_rollback(target)
+
+    def resume_rollback(self, target: TargetDisk) -> dict:
+        dj = self.disk(target.disk_id)
+        intent = dj.rollback
+        assert intent is not None
+        seq, frame = int(intent["seq"]), int(intent["frame_index"])
+        restored = 0
+        fd = os.open(target.path, os.O_WRONLY)
+        try:
+            for n in range(dj.applied_seq, seq - 1, -1):
+                void = dj.undo_void.get(str(n))
+                for offset, old, length in undo_records_reversed(self.undo_path(target.disk_id, n), n,
+                                                                 frame if n == seq else 0, void):
+                    if old is None:
+                        _zero(fd, offset, length)
+                    else:
+                        _pwrite_all(fd, old, offset)
+                    restored += length
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        kept = [p for p in dj.points if (int(p["seq"]), int(p["frame_index"])) <= (seq, frame)]
+        void = {k: v for k, v in dj.undo_void.items() if int(k) < seq}
+        void[str(seq)] = min(frame, dj.undo_void.get(str(seq), frame))
+        self._write_state(dj, applied_seq=seq, points=kept, undo_void=void, rollback=None)
+        self._prune_undo(dj)
+        return {"point_id": intent["point_id"], "applied_seq": seq, "restored_bytes": restored}
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

@@ -8,9 +8,10 @@ Endpoints (FORMATS.md sections 1 and 9), all with `Authorization: Bearer <regist
   everything acknowledged is applied (reprotect, original location).
 - `POST /api/v1/disks/<disk>` `{"size": N}`: create a new zero-filled image for an unregistered
   disk id in the alternate directory (reprotect, alternate location).
-- `POST /api/v1/disks/<disk>/failback` `{"action": "hold" | "switch" | "cancel"}`: failover back.
-  hold: journal but do not apply; switch: apply what is journaled (the disk moves to the final
-  point); cancel: drop the held entries, the disk stays where it was (only before switch).
+- `POST /api/v1/disks/<disk>/failback` `{"action": "hold" | "switch" | "cancel" | "rollback"}`:
+  failover back. hold: journal but do not apply; switch: apply what is journaled (the disk moves
+  to the final point); cancel: drop the held entries, the disk stays where it was (only before
+  switch); rollback `{"point_id": P}`: switch the disk back to an earlier retained point (undo records).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from ..core.digest import DIGEST_BYTES, block_digest
 from ..core.errors import FrameError
 from ..core.wire import DISK_ID_RE, SECTOR_BYTES, BatchParser
 from ..process_server.ingest import API_PREFIX, READ_CHUNK_BYTES
-from .journal import Journal
+from .journal import Journal, JournalError
 from .metrics import MasterTargetMetrics
 from .registry import Registry, RegistryError, TargetDisk
+from .undo import UndoError
 
 logger = log.get("lifeboat.master_target.receiver")
 _SEQ_RE = re.compile(r"^[1-9][0-9]{0,18}$")
@@ -128,9 +130,11 @@ class Receiver:
             disk = self._disk_id(request)
             target = self._target(disk)
             try:
-                action = json.loads(await request.read())["action"]
+                doc = json.loads(await request.read())
+                action = doc["action"]
             except (ValueError, KeyError, TypeError):
-                raise _Reject(400, "bad_request", 'body must be JSON {"action": "hold" | "switch" | "cancel"}') from None
+                raise _Reject(400, "bad_request", 'body must be JSON {"action": "hold" | "switch" | "cancel" | '
+                              '"rollback", "point_id": …}') from None
             dj = self.journal.disk(disk)
             loop = asyncio.get_running_loop()
             dropped: list[int] = []
@@ -146,8 +150,28 @@ class Receiver:
                 dropped = await loop.run_in_executor(self.pool, self.journal.cancel, disk)
                 self.metrics.acked_seq.labels(disk).set(dj.acked_seq)
                 self.metrics.lag.labels(disk).set(dj.lag_bytes)
+            elif action == "rollback":
+                point_id = doc.get("point_id")
+                if not isinstance(point_id, str):
+                    raise _Reject(400, "bad_request", "rollback needs a point_id (a retained failback point)")
+                if not dj.held and not await self.wait_applied(disk, APPLIED_WAIT_SECONDS):
+                    raise _Reject(503, "busy", f"disk {disk} still applies journaled batches; retry later",
+                                  {"Retry-After": str(self.retry_after_seconds)})
+                if disk in self._receiving:
+                    raise _Reject(409, "busy", f"a batch for disk {disk} is being received; retry")
+                self._receiving.add(disk)  # no batch is taken while the disk is rewound (sequence numbers change)
+                try:
+                    done = await loop.run_in_executor(self.pool, self.journal.rollback, target, point_id)
+                except (JournalError, UndoError) as exc:
+                    raise _Reject(409, "bad_request", str(exc)) from None
+                finally:
+                    self._receiving.discard(disk)
+                self.metrics.applied_seq.labels(disk).set(dj.applied_seq)
+                self.metrics.acked_seq.labels(disk).set(dj.acked_seq)
+                logger.warning("disk switched back to an earlier failback point", DISK=disk, POINT=point_id,
+                               restored_bytes=done["restored_bytes"], applied_seq=dj.applied_seq)
             else:
-                raise _Reject(400, "bad_request", f"action {action!r} is not hold, switch or cancel")
+                raise _Reject(400, "bad_request", f"action {action!r} is not hold, switch, cancel or rollback")
         except _Reject as exc:
             return self._reject(exc, request)
         logger.info("failover back", DISK=disk, action=action, sender=sender, dropped=len(dropped),

@@ -103,6 +103,13 @@ class MasterTarget:
         cfg = self.config
         disks = await asyncio.get_running_loop().run_in_executor(self.pool, self.journal.recover)
         for disk_id, dj in disks.items():
+            if dj.rollback is not None:  # a switch to an earlier point was interrupted: finish it first
+                target = self.registry.disks.get(disk_id)
+                if target is None:
+                    raise RuntimeError(f"disk {disk_id} was being switched back to point "
+                                       f"{dj.rollback['point_id']} but is no longer registered")
+                done = await asyncio.get_running_loop().run_in_executor(self.pool, self.journal.resume_rollback, target)
+                logger.warning("interrupted switch to an earlier point finished", DISK=disk_id, **done)
             self.metrics.applied_seq.labels(disk_id).set(dj.applied_seq)
             self.metrics.acked_seq.labels(disk_id).set(dj.acked_seq)
             self.metrics.lag.labels(disk_id).set(dj.lag_bytes)

@@ -115,9 +115,10 @@ async def create_alternate(mt: BatchSender, disk_id: str, disk_size: int) -> dic
         return body
 
 
-async def failback_action(mt: BatchSender, disk_id: str, action: str) -> dict:
+async def failback_action(mt: BatchSender, disk_id: str, action: str, **extra) -> dict:
     assert mt.session
-    async with mt.session.post(f"{mt.url}{API_PREFIX}/disks/{disk_id}/failback", json={"action": action}) as resp:
+    async with mt.session.post(f"{mt.url}{API_PREFIX}/disks/{disk_id}/failback",
+                               json={"action": action, **extra}) as resp:
         body = await _reply(resp)
         if resp.status != 200:
             raise ReprotectError(disk_id, f"failover back {action} refused: HTTP {resp.status} {body.get('message', '')}")
@@ -139,9 +140,11 @@ async def wait_seq(mt: BatchSender, disk_id: str, key: str, seq: int, timeout: f
 
 
 async def failback(source: str | None, disk_id: str, master_target: Endpoint, via: Endpoint | None = None,
-                   stage: str = "all", wait_timeout: float = 600.0, **reprotect_kw) -> dict:
+                   stage: str = "all", wait_timeout: float = 600.0, rollback_point: str | None = None,
+                   **reprotect_kw) -> dict:
     """Planned failover back. prepare: hold the target, final sync (journaled, not applied; cancellable);
-    switch: apply it, the on-prem disk is then at the final point; cancel: drop it; all: prepare + switch.
+    switch: apply it, the on-prem disk is then at the final point; cancel: drop it; all: prepare + switch;
+    rollback: switch the on-prem disk back to an earlier retained failback point (`rollback_point`).
     Quiesce (or stop) the failed-over machine before prepare: the final point is what the source holds then."""
     out: dict = {"disk_id": disk_id, "stage": stage}
     async with master_target.sender() as mt:
@@ -157,6 +160,11 @@ async def failback(source: str | None, disk_id: str, master_target: Endpoint, vi
             await wait_seq(mt, disk_id, "acked_seq", res.last_seq, wait_timeout)
             out.update(res.as_dict())
             out["stage"] = stage
+        if stage == "rollback":
+            if not rollback_point:
+                raise ReprotectError(disk_id, "--point is required to switch back to an earlier point")
+            reply = await failback_action(mt, disk_id, "rollback", point_id=rollback_point)
+            out.update(applied_seq=reply["applied_seq"], point_id=rollback_point, applied=True)
         if stage == "cancel":
             reply = await failback_action(mt, disk_id, "cancel")
             out.update(dropped=reply["dropped"], applied_seq=reply["applied_seq"], applied=False)

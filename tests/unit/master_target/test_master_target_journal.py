@@ -177,3 +177,115 @@ def test_registry_checks_sizes_ids_tokens_and_refuses_to_overwrite(tmp_path):
     assert again.sender_for("a" * 32) == "agent" and again.sender_for("b" * 32) is None
     assert again.disks[DISK].size == 1 << 20
     assert "a" * 32 not in (tmp_path / "s" / "registry.json").read_text()  # only its digest is stored
+
+
+def apply_all(j: Journal, disk) -> None:
+    while j.apply_next(disk):
+        pass
+
+
+def test_rollback_to_earlier_points_including_mid_entry_and_after_a_new_history(setup):
+    j, disk, target, _ = setup
+    snaps = {"start": target.read_bytes()}
+    seq = 0
+    for name in ("p1", "p2", "p3"):
+        seq += 1
+        journal_batch(j, seq, batch(seq, [(seq * 4096, os.urandom(8192)), (0, os.urandom(1024))], point=name))
+        apply_all(j, disk)
+        snaps[name] = target.read_bytes()
+    # An entry whose point sits between two overlapping writes.
+    seq += 1
+    w1, w2 = os.urandom(16384), os.urandom(4096)
+    b = BatchBuilder(DISK, seq, SIZE)
+    b.write(65536, w1)
+    b.bookmark({"point_id": "mid", "machine": "m", "created": time.time(), "consistency": "crash", "cycle": 1,
+                "block_size": 65536, "image_digest": ""})
+    b.write(65536 + 4096, w2)
+    b.zero(0, 8192)
+    journal_batch(j, seq, b.to_bytes())
+    apply_all(j, disk)
+    snaps["mid"] = expected_after(snaps["p3"], [(65536, w1)])
+
+    assert j.rollback(disk, "mid")["applied_seq"] == seq
+    assert target.read_bytes() == snaps["mid"]
+    assert j.rollback(disk, "p2")["applied_seq"] == 2
+    assert target.read_bytes() == snaps["p2"]
+    assert [p["point_id"] for p in j.disk(DISK).points] == ["p1", "p2"]
+    assert j.disk(DISK).acked_seq == 2
+    # A new history from p2, then back past it to p1.
+    journal_batch(j, 3, batch(3, [(0, os.urandom(65536))], point="p3b"))
+    apply_all(j, disk)
+    assert j.rollback(disk, "p1")["applied_seq"] == 1
+    assert target.read_bytes() == snaps["p1"]
+    with pytest.raises(JournalError, match="no retained failback point 'p3'"):
+        j.rollback(disk, "p3")
+
+
+def test_an_interrupted_rollback_resumes_to_the_same_bytes(setup):
+    from lifeboat.master_target.undo import undo_records_reversed
+
+    j, disk, target, _ = setup
+    for seq, name in ((1, "p1"), (2, "p2"), (3, "p3")):
+        journal_batch(j, seq, batch(seq, [(0, os.urandom(12288)), (seq * 8192, os.urandom(8192))], point=name))
+        apply_all(j, disk)
+        if name == "p1":
+            at_p1 = target.read_bytes()
+    dj = j.disk(DISK)
+    j._write_state(dj, rollback={"point_id": "p1", "seq": 1, "frame_index": 2})
+    # The crash came after part of the reverse sequence: entry 3's records and one of entry 2's.
+    fd = os.open(target, os.O_WRONLY)
+    records = list(undo_records_reversed(j.undo_path(DISK, 3), 3, 0)) + list(
+        undo_records_reversed(j.undo_path(DISK, 2), 2, 0))[:1]
+    for offset, old, length in records:
+        os.pwrite(fd, old if old is not None else bytes(length), offset)
+    os.close(fd)
+    j2 = Journal(j.root, 86400)
+    assert j2.recover()[DISK].rollback["point_id"] == "p1"
+    j2.resume_rollback(disk)
+    assert target.read_bytes() == at_p1 and j2.disk(DISK).rollback is None
+
+
+def test_retention_bounds_points_and_undo_files(setup):
+    j, disk, target, _ = setup
+    j.retention_seconds = 3600
+    b = BatchBuilder(DISK, 1, SIZE)
+    b.write(0, os.urandom(4096))
+    b.bookmark({"point_id": "old", "machine": "m", "created": time.time() - 7200, "consistency": "crash",
+                "cycle": 1, "block_size": 65536, "image_digest": ""})
+    journal_batch(j, 1, b.to_bytes())
+    apply_all(j, disk)
+    journal_batch(j, 2, batch(2, [(4096, os.urandom(4096))], point="new"))
+    apply_all(j, disk)
+    assert [p["point_id"] for p in j.disk(DISK).points] == ["new"]
+    assert not os.path.exists(j.undo_path(DISK, 1)) and os.path.exists(j.undo_path(DISK, 2))
+
+
+def test_a_crash_between_frames_keeps_the_undo_exact(setup, monkeypatch):
+    """Overlapping frames, the apply dies after the third pwrite; resumed, then rolled back: the earlier point's bytes."""
+    import lifeboat.master_target.journal as jmod
+
+    j, disk, target, _ = setup
+    journal_batch(j, 1, batch(1, [(0, os.urandom(4096))], point="p1"))
+    apply_all(j, disk)
+    at_p1 = target.read_bytes()
+    frames = [(0, os.urandom(16384)), (4096, os.urandom(4096)), (0, 8192), (2048 * 4, os.urandom(8192)),
+              (512, os.urandom(1024))]
+    journal_batch(j, 2, batch(2, frames, point="p2"))
+    real, calls = jmod._pwrite_all, []
+
+    def dying_pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) == 3:
+            raise OSError("simulated crash")
+        real(fd, data, offset)
+
+    monkeypatch.setattr(jmod, "_pwrite_all", dying_pwrite)
+    with pytest.raises(OSError, match="simulated crash"):
+        j.apply_next(disk)
+    monkeypatch.setattr(jmod, "_pwrite_all", real)
+    j2 = Journal(j.root, 86400)
+    j2.recover()
+    apply_all(j2, disk)
+    assert target.read_bytes() == expected_after(at_p1, frames)
+    j2.rollback(disk, "p1")
+    assert target.read_bytes() == at_p1

@@ -1,0 +1,159 @@
+"""Undo records: the bytes each journal entry overwrote, so that a disk can be switched back to an earlier failback point.
+
+Specified in FORMATS.md section 9. Written (fsynced, renamed) before the entry is applied, from
+the target as it is then; kept while a retained point needs it (the failback policy's retention).
+Applying undo records in reverse order down to a point restores the target to that point, and
+doing it again from any intermediate state gives the same bytes (each position ends with the
+value the oldest record covering it saved), so an interrupted rollback is simply restarted.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Iterator
+
+import xxhash
+
+from ..core.wire import FRAME_WRITE, FRAME_ZERO, MAX_FRAME_PAYLOAD_BYTES, Frame
+
+UNDO_MAGIC = b"LBMU"
+UNDO_VERSION = 1
+# magic, version, flags, reserved, seq, entry_digest (xxh3_64 of the journal entry's batch body)
+UNDO_HEADER = struct.Struct("<4sBBHQQ")
+UNDO_HEADER_CHECKSUM = struct.Struct("<Q")
+# frame_index, flags, reserved, reserved, offset, length
+UNDO_RECORD = struct.Struct("<IBBHQQ")
+UNDO_RECORD_CHECKSUM = struct.Struct("<Q")
+UNDO_FLAG_ZERO = 1          # the old bytes were all zero: no payload stored
+UNDO_SUFFIX = ".undo"
+MAX_UNDO_RECORD_BYTES = MAX_FRAME_PAYLOAD_BYTES
+
+
+class UndoError(Exception):
+    pass
+
+
+def _header(seq: int, entry_digest: int) -> bytes:
+    head = UNDO_HEADER.pack(UNDO_MAGIC, UNDO_VERSION, 0, 0, seq, entry_digest)
+    return head + UNDO_HEADER_CHECKSUM.pack(xxhash.xxh3_64_intdigest(head))
+
+
+class UndoWriter:
+    """Appends one record per WRITE/ZERO frame, each fsynced before that frame touches the target.
+
+    So after a crash, with records for frames ≤ `last_index`, no later frame has changed the
+    target: re-applying frames ≤ last_index rebuilds exactly the state the next record must save.
+    A file made for another entry (other digest) is replaced; a torn last record is cut off.
+    """
+
+    def __init__(self, path: str, seq: int, entry_digest: int) -> None:
+        self.path = path
+        self.last_index = -1
+        if undo_entry_digest(path, seq) == entry_digest:
+            valid_end, self.last_index = _valid_prefix(path)
+            self.f = open(path, "r+b")
+            self.f.truncate(valid_end)
+            self.f.seek(valid_end)
+        else:
+            self.f = open(path, "wb")
+            self.f.write(_header(seq, entry_digest))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def record(self, index: int, target_fd: int, frame: Frame) -> None:
+        old = os.pread(target_fd, frame.length, frame.offset)
+        if len(old) != frame.length:
+            raise UndoError(f"short read of the target at {frame.offset}: {len(old)} of {frame.length} bytes")
+        zero = old.count(0) == len(old)
+        head = UNDO_RECORD.pack(index, UNDO_FLAG_ZERO if zero else 0, 0, 0, frame.offset, frame.length)
+        payload = b"" if zero else old
+        h = xxhash.xxh3_64(head)
+        h.update(payload)
+        self.f.write(head + payload + UNDO_RECORD_CHECKSUM.pack(h.intdigest()))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.last_index = index
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _valid_prefix(path: str) -> tuple[int, int]:
+    """(end offset of the last intact record, its frame index or -1)."""
+    end, last = UNDO_HEADER.size + UNDO_HEADER_CHECKSUM.size, -1
+    try:
+        for index, _flags, _offset, _length, pos, rec_end in _scan(path):
+            end, last = rec_end, index
+    except UndoError:
+        pass  # a torn tail: everything before it is intact
+    return end, last
+
+
+def undo_entry_digest(path: str, seq: int) -> int | None:
+    """The entry digest an undo file was written for, or None if it is missing or not for this seq."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(UNDO_HEADER.size + UNDO_HEADER_CHECKSUM.size)
+    except FileNotFoundError:
+        return None
+    if len(head) < UNDO_HEADER.size + UNDO_HEADER_CHECKSUM.size:
+        return None
+    magic, version, _f, _r, file_seq, digest = UNDO_HEADER.unpack_from(head)
+    (check,) = UNDO_HEADER_CHECKSUM.unpack_from(head, UNDO_HEADER.size)
+    if magic != UNDO_MAGIC or version != UNDO_VERSION or file_seq != seq:
+        return None
+    return digest if check == xxhash.xxh3_64_intdigest(head[: UNDO_HEADER.size]) else None
+
+
+def _scan(path: str) -> Iterator[tuple[int, int, int, int, int, int]]:
+    """(frame_index, flags, offset, length, payload position, record end) of each record, checked in order."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        f.seek(UNDO_HEADER.size + UNDO_HEADER_CHECKSUM.size)
+        pos = f.tell()
+        while pos < size:
+            rec = f.read(UNDO_RECORD.size)
+            if len(rec) < UNDO_RECORD.size:
+                raise UndoError(f"{path}: truncated record at offset {pos}")
+            index, flags, _a, _b, offset, length = UNDO_RECORD.unpack(rec)
+            if length > MAX_UNDO_RECORD_BYTES:
+                raise UndoError(f"{path}: record at offset {pos} claims {length} bytes")
+            plen = 0 if flags & UNDO_FLAG_ZERO else length
+            payload = f.read(plen)
+            tail = f.read(UNDO_RECORD_CHECKSUM.size)
+            h = xxhash.xxh3_64(rec)
+            h.update(payload)
+            if len(payload) != plen or len(tail) != UNDO_RECORD_CHECKSUM.size or \
+                    UNDO_RECORD_CHECKSUM.unpack(tail)[0] != h.intdigest():
+                raise UndoError(f"{path}: record at offset {pos} fails its checksum")
+            end = pos + UNDO_RECORD.size + plen + UNDO_RECORD_CHECKSUM.size
+            yield index, flags, offset, length, pos + UNDO_RECORD.size, end
+            pos = end
+
+
+def _records(path: str, seq: int) -> list[tuple[int, int, int, int, int]]:
+    """Every record of a complete undo file (strict: any damage is an error)."""
+    digest = undo_entry_digest(path, seq)
+    if digest is None:
+        raise UndoError(f"{path}: missing, damaged, or not the undo file of entry {seq}")
+    return [r[:5] for r in _scan(path)]
+
+
+def check_undo(path: str, seq: int) -> int:
+    """Verify every record; returns how many there are (a rollback starts only if all are intact)."""
+    return len(_records(path, seq))
+
+
+def undo_records_reversed(path: str, seq: int, from_frame: int,
+                          void_from: int | None = None) -> Iterator[tuple[int, bytes | None, int]]:
+    """(offset, old bytes or None for zeros, length) of the records with from_frame <= frame_index < void_from,
+    newest first. Records at or above void_from were undone by an earlier rollback and are void."""
+    records = [r for r in _records(path, seq) if r[0] >= from_frame and (void_from is None or r[0] < void_from)]
+    with open(path, "rb") as f:
+        for index, flags, offset, length, pos in reversed(records):
+            if flags & UNDO_FLAG_ZERO:
+                yield offset, None, length
+            else:
+                f.seek(pos)
+                yield offset, f.read(length), length
