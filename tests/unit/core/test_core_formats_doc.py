@@ -7,12 +7,12 @@ from pathlib import Path
 
 import lifeboat.core as core
 from lifeboat.core import compression, crypto, keys, sealed, segment, wire, catalog
-from lifeboat.master_target import journal, registry
+from lifeboat.master_target import journal, registry, undo
 from lifeboat.mobility import change_log, digest_map, group_wire
 
 DOC = Path(core.__file__).with_name("FORMATS.md")
 MODULES = {m.__name__.rsplit(".", 1)[1]: m for m in (compression, crypto, keys, sealed, segment, wire, catalog, digest_map,
-                                                        change_log, group_wire, journal, registry)}
+                                                        change_log, group_wire, journal, registry, undo)}
 ROW = re.compile(r"^\|\s*`(\w+)\.(\w+)`\s*\|\s*`([^`]+)`\s*\|")
 
 
@@ -44,7 +44,7 @@ def test_every_format_constant_in_the_code_is_documented():
     pattern = re.compile(r"(MAGIC|VERSION|_HEADER$|ENTRY$|TRAILER$|^FRAME_|CHECKSUM$)")
     missing = []
     for mod_name in ("wire", "segment", "sealed", "keys", "digest_map", "change_log", "group_wire", "journal",
-                     "registry"):
+                     "registry", "undo"):
         source = Path(MODULES[mod_name].__file__).read_text()
         for name, value in vars(MODULES[mod_name]).items():
             defined_here = re.search(rf"^{name}\s*=", source, re.M)
