@@ -38,6 +38,10 @@ HOLD_FILE = "hold"   # present: entries are journaled but not applied (failover 
 STATE_VERSION = 1
 SEQ_DIGITS = 20
 APPLY_READ_BYTES = 1024 * 1024
+# Frames applied per undo fsync (non-overlapping frames share one): bounds the memory held and the
+# re-apply after a crash; the agent's sequential extents never overlap, so a batch is a few groups.
+UNDO_GROUP_BYTES = 16 * 1024 * 1024
+UNDO_GROUP_FRAMES = 64
 ZERO_CHUNK_BYTES = 1024 * 1024
 # Test hook (fault injection, never set in production): sleep this long after each applied frame,
 # so that a test can SIGKILL the daemon in the middle of an entry.
@@ -268,8 +272,8 @@ class Journal:
     def apply_next(self, target: TargetDisk) -> ApplyResult | None:
         """Apply the lowest pending entry of the target's disk; None when nothing is pending (or held).
 
-        Write-ahead order, per frame: undo record (the bytes it will overwrite) fsynced → frame
-        pwritten; then target fsynced → applied_seq recorded → entry deleted.
+        Write-ahead order, per group of non-overlapping frames: undo records (the bytes they will
+        overwrite) fsynced → frames pwritten; then target fsynced → applied_seq recorded → entry deleted.
         """
         dj = self.disk(target.disk_id)
         if not dj.pending or dj.held:
@@ -282,21 +286,41 @@ class Journal:
         points = []
         fd = os.open(target.path, os.O_RDWR)
         undo = UndoWriter(self.undo_path(target.disk_id, seq), seq, self._entry_digest(target.disk_id, seq))
-        try:
-            for index, frame in self._entry_frames(target, seq):
-                if frame.kind in (FRAME_WRITE, FRAME_ZERO) and index > undo.last_index:
-                    undo.record(index, fd, frame)  # durable before the frame changes the target
+        group: list[tuple[int, Frame]] = []
+        group_bytes = 0
+
+        def flush_group() -> None:
+            nonlocal written, zeroed, group_bytes
+            # Undo records of the whole group are durable before any of its frames touches the target.
+            fresh = [(i, f) for i, f in group if i > undo.last_index and f.kind in (FRAME_WRITE, FRAME_ZERO)]
+            if fresh:
+                undo.record(fresh, fd)
+            for _index, frame in group:
                 if frame.kind == FRAME_WRITE:
                     _pwrite_all(fd, frame.payload, frame.offset)
                     written += frame.length
                 elif frame.kind == FRAME_ZERO:
                     _zero(fd, frame.offset, frame.length)
                     zeroed += frame.length
-                elif frame.kind == FRAME_BOOKMARK:
-                    points.append({**frame.bookmark(), "seq": seq, "frame_index": index, "applied_at": time.time()})
-                frames += 1
                 if self.frame_delay:
                     time.sleep(self.frame_delay)
+            group.clear()
+            group_bytes = 0
+
+        try:
+            for index, frame in self._entry_frames(target, seq):
+                frames += 1
+                if frame.kind == FRAME_BOOKMARK:
+                    flush_group()  # the point is the state after every frame before it
+                    points.append({**frame.bookmark(), "seq": seq, "frame_index": index, "applied_at": time.time()})
+                    continue
+                end = frame.offset + frame.length
+                if group and (group_bytes + frame.length > UNDO_GROUP_BYTES or len(group) >= UNDO_GROUP_FRAMES or any(
+                        frame.offset < f.offset + f.length and f.offset < end for _i, f in group)):
+                    flush_group()  # an overlap must see the earlier frame's bytes in its undo record
+                group.append((index, frame))
+                group_bytes += frame.length
+            flush_group()
             os.fsync(fd)  # the target holds the entry before applied_seq says so
         finally:
             undo.close()
