@@ -321,6 +321,7 @@ class Journal:
                 group.append((index, frame))
                 group_bytes += frame.length
             flush_group()
+            undo.finish()
             os.fsync(fd)  # the target holds the entry before applied_seq says so
         finally:
             undo.close()

@@ -26,6 +26,7 @@ UNDO_HEADER_CHECKSUM = struct.Struct("<Q")
 UNDO_RECORD = struct.Struct("<IBBHQQ")
 UNDO_RECORD_CHECKSUM = struct.Struct("<Q")
 UNDO_FLAG_ZERO = 1          # the old bytes were all zero: no payload stored
+UNDO_FLAG_END = 2           # last record of a complete file: offset = number of records before it
 UNDO_SUFFIX = ".undo"
 MAX_UNDO_RECORD_BYTES = MAX_FRAME_PAYLOAD_BYTES
 _ZEROS = bytes(MAX_UNDO_RECORD_BYTES)
@@ -51,8 +52,9 @@ class UndoWriter:
     def __init__(self, path: str, seq: int, entry_digest: int) -> None:
         self.path = path
         self.last_index = -1
+        self.count = 0
         if undo_entry_digest(path, seq) == entry_digest:
-            valid_end, self.last_index = _valid_prefix(path)
+            valid_end, self.last_index, self.count = _valid_prefix(path)
             self.f = open(path, "r+b")
             self.f.truncate(valid_end)
             self.f.seek(valid_end)
@@ -81,7 +83,15 @@ class UndoWriter:
                 h = xxhash.xxh3_64(head)
                 h.update(payload)
                 self.f.write(head + payload + UNDO_RECORD_CHECKSUM.pack(h.intdigest()))
+                self.count += 1
             self.last_index = index
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def finish(self) -> None:
+        """Seal the file once the entry is applied: a reader then knows no record is missing."""
+        head = UNDO_RECORD.pack(0xFFFFFFFF, UNDO_FLAG_END, 0, 0, self.count, 0)
+        self.f.write(head + UNDO_RECORD_CHECKSUM.pack(xxhash.xxh3_64_intdigest(head)))
         self.f.flush()
         os.fsync(self.f.fileno())
 
@@ -89,15 +99,19 @@ class UndoWriter:
         self.f.close()
 
 
-def _valid_prefix(path: str) -> tuple[int, int]:
-    """(end offset of the last intact record, its frame index or -1)."""
-    end, last = UNDO_HEADER.size + UNDO_HEADER_CHECKSUM.size, -1
+def _valid_prefix(path: str) -> tuple[int, int, int]:
+    """(end offset of the last intact data record, its frame index or -1, number of data records).
+
+    An END record is dropped too: the entry is being applied again, finish() writes a new one."""
+    end, last, count = UNDO_HEADER.size + UNDO_HEADER_CHECKSUM.size, -1, 0
     try:
-        for index, _flags, _offset, _length, pos, rec_end in _scan(path):
-            end, last = rec_end, index
+        for index, flags, _offset, _length, _pos, rec_end in _scan(path):
+            if flags & UNDO_FLAG_END:
+                break
+            end, last, count = rec_end, index, count + 1
     except UndoError:
         pass  # a torn tail: everything before it is intact
-    return end, last
+    return end, last, count
 
 
 def undo_entry_digest(path: str, seq: int) -> int | None:
@@ -129,7 +143,7 @@ def _scan(path: str) -> Iterator[tuple[int, int, int, int, int, int]]:
             index, flags, _a, _b, offset, length = UNDO_RECORD.unpack(rec)
             if length > MAX_UNDO_RECORD_BYTES:
                 raise UndoError(f"{path}: record at offset {pos} claims {length} bytes")
-            plen = 0 if flags & UNDO_FLAG_ZERO else length
+            plen = 0 if flags & (UNDO_FLAG_ZERO | UNDO_FLAG_END) else length
             payload = f.read(plen)
             tail = f.read(UNDO_RECORD_CHECKSUM.size)
             h = xxhash.xxh3_64(rec)
@@ -143,11 +157,18 @@ def _scan(path: str) -> Iterator[tuple[int, int, int, int, int, int]]:
 
 
 def _records(path: str, seq: int) -> list[tuple[int, int, int, int, int]]:
-    """Every record of a complete undo file (strict: any damage is an error)."""
+    """Every record of a complete undo file (strict: any damage, a missing END or a record count
+    that disagrees with it is an error)."""
     digest = undo_entry_digest(path, seq)
     if digest is None:
         raise UndoError(f"{path}: missing, damaged, or not the undo file of entry {seq}")
-    return [r[:5] for r in _scan(path)]
+    records = [r[:5] for r in _scan(path)]
+    if not records or records[-1][1] != UNDO_FLAG_END or records[-1][2] != len(records) - 1:
+        raise UndoError(f"{path}: incomplete (no END record, or its count of {records[-1][2] if records else '?'} "
+                        f"records disagrees with {max(0, len(records) - 1)} found)")
+    if any(r[1] & UNDO_FLAG_END for r in records[:-1]):
+        raise UndoError(f"{path}: END record before the last record")
+    return records[:-1]
 
 
 def check_undo(path: str, seq: int) -> int:

@@ -289,3 +289,44 @@ def test_a_crash_between_frames_keeps_the_undo_exact(setup, monkeypatch):
     assert target.read_bytes() == expected_after(at_p1, frames)
     j2.rollback(disk, "p1")
     assert target.read_bytes() == at_p1
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=64), st.integers(0, 2**64 - 1))
+def test_fuzz_entry_header_raises_only_journal_errors(data, seq):
+    try:
+        read_entry_header(DISK, data, seq)
+    except JournalError:
+        pass
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=600), st.integers(0, 600))
+def test_fuzz_undo_files_are_read_as_records_or_refused(tmp_path, garbage, cut):
+    """A damaged undo file is refused (rollback does not start), never misread or crashing."""
+    from lifeboat.master_target.undo import UndoError, UndoWriter, check_undo
+    from lifeboat.core.wire import Frame, FRAME_WRITE
+
+    target = tmp_path / "t.img"
+    target.write_bytes(os.urandom(8192))
+    path = str(tmp_path / "x.undo")
+    if os.path.exists(path):
+        os.unlink(path)
+    w = UndoWriter(path, 3, 99)
+    fd = os.open(target, os.O_RDONLY)
+    w.record([(0, Frame(FRAME_WRITE, 0, 4096, b"")), (1, Frame(FRAME_WRITE, 4096, 512, b""))], fd)
+    os.close(fd)
+    w.finish()
+    w.close()
+    data = open(path, "rb").read()
+    damaged = data[: len(data) - cut] + garbage
+    open(path, "wb").write(damaged)
+    try:
+        n = check_undo(path, 3)
+    except UndoError:
+        return
+    assert damaged == data and n == 2  # anything else, even a cut at a record boundary, is refused
