@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 
-from ..mobility.reprotect import Endpoint, failback, reprotect
+import aiohttp
+
+from ..mobility.reprotect import Endpoint, ReprotectError, failback, reprotect
+
+
+def _clear_errors(fn):
+    """Network and file errors become one line naming what failed and what to check (no traceback)."""
+    @functools.wraps(fn)
+    async def wrapper(args) -> int:
+        try:
+            return await fn(args)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise ReprotectError(args.disk, f"cannot talk to {args.via or args.master_target}: "
+                                 f"{exc or type(exc).__name__}; check the URL, that the daemon runs, and --ca-cert") from None
+        except OSError as exc:
+            what = exc.filename or "one of --source-image, --ca-cert, --token-file"
+            raise ReprotectError(args.disk, f"cannot read {what}: {exc.strerror or exc}") from None
+    return wrapper
 
 
 def _token(path: str) -> str:
@@ -20,6 +39,7 @@ def _endpoints(args) -> tuple[Endpoint, Endpoint | None]:
     return mt, via
 
 
+@_clear_errors
 async def cmd_reprotect(args) -> int:
     mt, via = _endpoints(args)
     disk = args.new_disk if args.alternate else args.disk
@@ -36,6 +56,7 @@ async def cmd_reprotect(args) -> int:
     return 0
 
 
+@_clear_errors
 async def cmd_failback(args) -> int:
     mt, via = _endpoints(args)
     out = await failback(args.source_image, args.disk, mt, via, stage=args.stage, rollback_point=args.point,
