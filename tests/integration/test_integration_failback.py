@@ -322,3 +322,25 @@ def test_switch_back_to_an_earlier_failback_point(lab, mt, tmp_path):
     again = reprotect_cli(failed_over, DISK, *args)
     assert again["changed_bytes"] == 12 * BLOCK  # exactly what point-b had added
     assert sha256_file(onprem) == sha256_file(failed_over)
+
+
+def test_master_target_tells_systemd_ready_watchdog_and_stopping(lab, mt, tmp_path):
+    import socket
+
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(30)
+    try:
+        mt.start(env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "400000", "WATCHDOG_PID": ""})
+        seen: list[str] = []
+        while "WATCHDOG=1" not in seen:
+            seen += sock.recv(4096).decode().splitlines()
+        assert seen.index("READY=1") < seen.index("WATCHDOG=1")
+        assert mt.health()["ok"]
+        mt.proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in seen:
+            seen += sock.recv(4096).decode().splitlines()
+        assert mt.proc.wait(30) == 0
+    finally:
+        sock.close()
