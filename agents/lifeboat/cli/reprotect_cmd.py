@@ -100,10 +100,10 @@ def add_parser(sub) -> None:
         p.add_argument("--point-id", help="the bookmark's point id (default reprotect-<unix time>)")
         p.add_argument("--consistency", default="crash" if name == "failback" else "none",
                        choices=("app", "crash", "none"), help="what the bookmark claims (quiesce the source first)")
-        p.add_argument("--no-wait", action="store_true", help="return once journaled, not applied")
         p.add_argument("--json", action="store_true")
         p.add_argument("-q", "--quiet", action="store_true")
         if name == "reprotect":
+            p.add_argument("--no-wait", action="store_true", help="return once journaled, not applied")
             p.add_argument("--alternate", action="store_true",
                            help="alternate location: the master target creates a new image and everything is sent")
             p.add_argument("--new-disk", help="disk id of the new image (with --alternate)")
@@ -113,4 +113,4 @@ def add_parser(sub) -> None:
                                 "apply it; cancel: drop it (only before switch); all: prepare + switch; rollback: "
                                 "switch the on-prem disk to an earlier retained failback point (--point)")
             p.add_argument("--point", help="with --stage rollback: the failback point id")
-        p.set_defaults(fn=cmd_reprotect if name == "reprotect" else cmd_failback, alternate=False, new_disk=None)
+        p.set_defaults(fn=cmd_reprotect if name == "reprotect" else cmd_failback, alternate=False, new_disk=None, no_wait=False)
