@@ -2,8 +2,8 @@
 
 Original location: fetch the per-block xxh3-128 digests of the master target's current target
 (the old on-prem disk), compare them with the failed-over image's, and send only the blocks that
-differ, then a bookmark. Alternate location: the master target creates a new image and every
-block is sent (zero blocks as ZERO frames, so "everything" costs nothing for empty space).
+differ, then a bookmark. Alternate location: the master target creates a new, zero-filled image
+and every block that is not zero is sent (the copy is complete: the zero blocks are already there).
 Batches go straight to the master target or through a (temporary) process server in forward mode.
 The same call, run again with the source quiesced, is the final sync of a planned failover back.
 """
@@ -19,7 +19,7 @@ import aiohttp
 from ..core import logging as log
 from ..core.digest import DIGEST_BYTES
 from ..core.errors import LifeboatError
-from .digest_map import UNKNOWN_DIGEST, DigestMap, block_count
+from .digest_map import DigestMap, block_count
 from .digest_tracker import PendingBatch, device_size, scan_disk
 from .sender import API_PREFIX, BatchSender
 
@@ -187,7 +187,9 @@ async def reprotect(source: str, disk_id: str, master_target: Endpoint, via: End
     async with master_target.sender() as mt:
         if alternate:
             await create_alternate(mt, disk_id, size)
-            digests = bytearray(UNKNOWN_DIGEST * block_count(size, block_size))
+            # The master target has just created the image zero-filled: every block that is not
+            # zero is sent, zero blocks already match (a sparse image stays sparse).
+            digests = DigestMap.fresh("", block_size, size, replica_is_zero=True).digests
             digest_bytes = 0
         else:
             info = await disk_info(mt, disk_id)
