@@ -58,8 +58,11 @@ class MasterTargetProc:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"master target exited with {self.proc.returncode}; see {self.lab.log_path}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
+                # Both listeners: the data port binds first, /metrics right after it.
+                for port in (self.port, self.metrics_port):
+                    with socket.create_connection(("127.0.0.1", port), timeout=1):
+                        pass
+                return
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("master target not listening")
