@@ -134,7 +134,10 @@ def test_process_server_forwards_to_the_master_target(lab, mt, tmp_path):
         assert sha256_file(onprem) == sha256_file(failed_over)
         assert res["changed_bytes"] == changed
         assert proxy.up_bytes <= changed * 1.05, (proxy.up_bytes, changed)
-        ps = lab.ps_metrics()
+        deadline = time.monotonic() + 30  # the forwarder counts after the master target's answer: wait for it
+        while (ps := lab.ps_metrics()).get(f'lifeboat_ps_uploaded_seq{{disk="{DISK}"}}', 0) < res["last_seq"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         assert ps["lifeboat_ps_forwarded_bytes_total"] == res["sent_body_bytes"]
         assert ps[f'lifeboat_ps_uploaded_seq{{disk="{DISK}"}}'] == res["last_seq"]
         # A second pass (nothing changed) sends one bookmark-only batch, continuing the sequence.
