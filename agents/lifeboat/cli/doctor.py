@@ -505,7 +505,12 @@ def check_mobility_config(rep: Report, cfg: cfgmod.MobilityConfig, timeout: floa
 
 
 def check_mt_config(rep: Report, cfg: cfgmod.MasterTargetConfig, timeout: float) -> list:
-    rep.add("SKIP", "port 9444 (master target)", "the master target has no data port in this release")
+    i = cfg.ingest
+    check_port(rep, f"port {i.port} (master target data)", i.host, i.port, timeout,
+               "start it: systemctl start lifeboat-master-target (journalctl -u lifeboat-master-target tells why "
+               "it stopped)", status_if_closed="WARN")
+    check_cert(rep, "server", i.tls_cert, "issue a new server certificate from the CA of 'lifeboat init', point "
+               "ingest.tls_cert/tls_key at it and restart the master target", key_path=i.tls_key)
     check_port(rep, f"port {cfg.metrics.port} (metrics)", cfg.metrics.host, cfg.metrics.port, timeout,
                "start it: systemctl start lifeboat-master-target", status_if_closed="WARN")
     check_dir(rep, "state dir", cfg.state_dir, "state_dir", space=False)

@@ -27,8 +27,7 @@ from .control import write_secret
 from .control_args import add_api_args, api_configured
 from .control_failover import control_failover
 from . import retention_cmd
-from . import azure_failover, doctor
-from . import doctor, key_cmd
+from . import azure_failover, key_cmd, master_target_cmd, reprotect_cmd
 from .points import GroupFailoverRefused, group_points, machine_points, point_group, resolve, resolve_group
 from .repo_args import add_repo_args, open_from_args
 
@@ -336,6 +335,8 @@ def parser() -> argparse.ArgumentParser:
     retention_cmd.add_parser(sub)
     plan_cmd.add_parser(sub)
     key_cmd.add_parser(sub)
+    reprotect_cmd.add_parser(sub)
+    master_target_cmd.add_parser(sub)
     return ap
 
 

@@ -107,6 +107,15 @@ class ControlConfig:
 
 
 @dataclass(kw_only=True)
+class ForwardConfig:
+    master_target_url: str = opt("", "master target data URL (https://host:9444); empty: upload to the repository")
+    ca_cert: str = opt("", "CA certificate that signed the master target's certificate")
+    token_file: str = opt("", "file holding this process server's sender token, registered on the master target")
+    timeout_seconds: float = opt(120.0, "per-request timeout")
+    retry_max_seconds: float = opt(30.0, "cap of the exponential backoff between resends")
+
+
+@dataclass(kw_only=True)
 class ProcessServerConfig:
     ingest: IngestConfig = req("HTTPS data listener", None)
     cache: CacheConfig = req("on-disk batch cache", None)
@@ -115,6 +124,7 @@ class ProcessServerConfig:
     metrics: MetricsConfig = opt(None, "metrics listener", default_port=9462)
     log: LogConfig = opt(None, "logging")
     control: ControlConfig = opt(None, "configuration-server role (primary) or the link to it (scale-out)")
+    forward: ForwardConfig = opt(None, "failback: forward cached batches to a master target instead of the repository")
 
 
 @dataclass(kw_only=True)
@@ -240,10 +250,31 @@ class MobilityConfig:
 
 
 @dataclass(kw_only=True)
+class MasterTargetIngestConfig:
+    host: str = opt("0.0.0.0", "address of the HTTPS data listener")
+    port: int = opt(9444, "HTTPS data port (failback batches from the reprotected machine or a process server)")
+    tls_cert: str = req("server certificate (PEM), signed by the CA from 'lifeboat init'", "/etc/lifeboat/tls/server.pem")
+    tls_key: str = req("server private key (PEM)", "/etc/lifeboat/tls/server.key")
+    max_batch_bytes: int = opt(64 * MiB, "largest batch body accepted; larger requests get 413")
+    journal_max_bytes: int = opt(4 * GiB, "journaled bytes not yet applied above which senders get 503 + Retry-After")
+    retry_after_seconds: int = opt(5, "Retry-After value sent with 503")
+    alternate_dir: str = opt("", "where alternate-location images are created (empty: <state_dir>/alternate)")
+
+
+@dataclass(kw_only=True)
+class FailbackPolicyConfig:
+    rpo_threshold_seconds: float = opt(900.0, "failback RPO threshold: /healthz reports a disk whose newest point is older")
+    retention_seconds: float = opt(86400.0, "failback recovery points older than this are forgotten")
+    app_consistent_interval_seconds: float = opt(3600.0, "expected interval of app-consistent failback points")
+
+
+@dataclass(kw_only=True)
 class MasterTargetConfig:
     state_dir: str = opt("/var/lib/lifeboat/master-target", "master target state")
     metrics: MetricsConfig = opt(None, "metrics listener", default_port=9463)
     log: LogConfig = opt(None, "logging")
+    ingest: MasterTargetIngestConfig = req("HTTPS data listener (disks and senders: 'lifeboat master-target')", None)
+    failback: FailbackPolicyConfig = opt(None, "failback policy (created with every replication policy)")
 
 
 def _inner(tp):
@@ -397,7 +428,12 @@ def _validate_ps(cfg: ProcessServerConfig) -> None:
         # Otherwise a largest batch could never pass the high-water check: 503 forever.
         raise ConfigError("cache.max_bytes", "max_bytes × high_water_ratio must hold at least two batches of "
                           f"ingest.max_batch_bytes ({cfg.ingest.max_batch_bytes} bytes)")
-    if not (cfg.repository.key_file or cfg.repository.passphrase_file):
+    if cfg.forward.master_target_url:
+        # Forward mode (failback): the repository is not opened, the master target must be reachable.
+        for key in ("ca_cert", "token_file"):
+            if not getattr(cfg.forward, key):
+                raise ConfigError(f"forward.{key}", "required when forward.master_target_url is set")
+    elif not (cfg.repository.key_file or cfg.repository.passphrase_file):
         raise ConfigError("repository.key_file", "set key_file or passphrase_file to unlock the repository")
 
 

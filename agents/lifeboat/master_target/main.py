@@ -1,4 +1,4 @@
-"""`lifeboat-master-target`: failback receiver; this release only serves /healthz and /metrics."""
+"""`lifeboat-master-target`: the failback receiver; journals batches on 9444 and applies them to on-prem disks."""
 
 from __future__ import annotations
 
@@ -11,13 +11,11 @@ from ..core import config as cfgmod
 from ..core import logging as log
 from ..core import sd_notify
 from ..core.errors import LifeboatError
-from ..core.runtime import run, start_metrics_server
+from ..core.runtime import run
 from ..core.watchdog import ping_while_progressing
-from .metrics import MasterTargetMetrics
+from .server import SHUTDOWN_BUDGET_SECONDS, MasterTarget
 
-# Shutdown stages; SHUTDOWN_BUDGET_SECONDS must stay below TimeoutStopSec= of its unit (tested).
-STOP_LISTENER_SECONDS = 5
-SHUTDOWN_BUDGET_SECONDS = STOP_LISTENER_SECONDS
+__all__ = ["SHUTDOWN_BUDGET_SECONDS", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,23 +33,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.config}: OK")
         return 0
     log.configure(cfg.log.level, cfg.log.format, "lifeboat-master-target")
-    registry = MasterTargetMetrics().registry
+    logger = log.get("lifeboat.master_target")
 
     async def daemon(stop: asyncio.Event) -> int:
-        runner, port = await start_metrics_server(registry, cfg.metrics.host, cfg.metrics.port,
-                                                  lambda: (True, {"role": "master-target", "apply": "not implemented"}))
-        logger = log.get("lifeboat.master_target")
-        logger.info("master target ready (health and metrics only)", metrics_port=port)
+        mt = MasterTarget(cfg)
+        try:
+            await mt.start()
+        except (LifeboatError, OSError) as exc:
+            logger.error("cannot start", error=str(exc))
+            await mt.stop()
+            return getattr(exc, "exit_code", 1)
+        # start() recovered the journal (interrupted applies resume) and bound both listeners.
         sd_notify.notify("READY=1")
-        # No pipeline yet: progress is the event loop turning, which the ping task itself proves.
-        pinger = asyncio.create_task(ping_while_progressing(lambda: (True, "")), name="watchdog")
+        pinger = asyncio.create_task(ping_while_progressing(mt.progress), name="watchdog")
         await stop.wait()
         sd_notify.notify("STOPPING=1")
+        logger.info("stopping", budget_seconds=SHUTDOWN_BUDGET_SECONDS)
         pinger.cancel()
-        try:
-            await asyncio.wait_for(runner.cleanup(), STOP_LISTENER_SECONDS)
-        except asyncio.TimeoutError:
-            logger.warning("listener did not close in time", seconds=STOP_LISTENER_SECONDS)
+        await mt.stop()
+        logger.info("stopped")
         return 0
 
     return run(daemon)

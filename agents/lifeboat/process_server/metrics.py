@@ -32,3 +32,5 @@ class ProcessServerMetrics:
                                 "Capture time of the newest recovery point published, per disk (RPO = now - this)",
                                 ["disk"], registry=r)
         self.uploaded_seq = Gauge("lifeboat_ps_uploaded_seq", "Highest uploaded sequence number, per disk", ["disk"], registry=r)
+        self.forwarded_bytes = Counter("lifeboat_ps_forwarded_bytes_total",
+                                       "Batch body bytes forwarded to a master target (failback)", registry=r)

@@ -17,6 +17,7 @@ from ..core.watchdog import StallDetector
 from ..repository.open import open_repository
 from ..repository.repo import Repository
 from .cache import DiskCache
+from .forwarder import DiskForwarder, MasterTargetLink
 from .ingest import IngestService
 from .metrics import ProcessServerMetrics
 from .uploader import DiskUploader
@@ -45,7 +46,8 @@ class ProcessServer:
         self.pool = ThreadPoolExecutor(max(2, config.upload.threads), thread_name_prefix="ps-work")
         self.cache = DiskCache(config.cache.dir, config.cache.max_bytes, config.cache.high_water_ratio)
         self.repo: Repository | None = None
-        self.uploaders: dict[str, DiskUploader] = {}
+        self.uploaders: dict[str, DiskUploader | DiskForwarder] = {}
+        self.forward: MasterTargetLink | None = None  # failback: deliver to a master target, not the repository
         self._runners: list[web.AppRunner] = []
         self.ingest_port = 0
         self.metrics_port = 0
@@ -69,7 +71,10 @@ class ProcessServer:
     async def start(self) -> None:
         cfg = self.config
         token = self._token()
-        self.repo = await open_repository(cfg.repository)
+        if cfg.forward.master_target_url:
+            self.forward = await MasterTargetLink(cfg.forward).__aenter__()
+        else:
+            self.repo = await open_repository(cfg.repository)
         acked = await asyncio.get_running_loop().run_in_executor(self.pool, self.cache.recover)
         for disk in self.cache.disks():
             self._uploader(disk)
@@ -77,7 +82,8 @@ class ProcessServer:
         self.metrics.cache_used.set(self.cache.used_bytes)
         self.metrics.cache_free_ratio.set(self.cache.free_ratio)
         logger.info("cache recovered", disks=len(acked), pending_bytes=self.cache.used_bytes,
-                    repository=self.repo.backend.location)
+                    repository=self.repo.backend.location if self.repo else None,
+                    forward=cfg.forward.master_target_url or None)
         ingest = IngestService(self.cache, token, cfg.ingest.max_batch_bytes, cfg.cache.retry_after_seconds,
                                self.metrics, self.pool, self._stored, self._adopt,
                                self._machine_of if (cfg.control.enabled or cfg.control.primary_url) else None)
@@ -131,6 +137,10 @@ class ProcessServer:
 
     def _uploader(self, disk: str) -> DiskUploader:
         up = self.uploaders.get(disk)
+        if up is None and self.forward is not None:
+            up = self.uploaders[disk] = DiskForwarder(disk, self.cache, self.forward, self.metrics,
+                                                      self.config.forward.retry_max_seconds, self.pool)
+            up.start()
         if up is None:
             assert self.repo is not None
             up = self.uploaders[disk] = DiskUploader(disk, self.cache, self.repo, self.pool, self.metrics,
@@ -148,8 +158,11 @@ class ProcessServer:
         """First contact for a disk this cache has no state for: continue from the repository's log."""
         if self.cache.known(disk):
             return
-        assert self.repo is not None
-        seqs = await self.repo.list_segments(disk)
+        if self.forward is not None:  # continue from what the master target has journaled
+            seqs = [await self.forward.acked_seq(disk)]
+        else:
+            assert self.repo is not None
+            seqs = await self.repo.list_segments(disk)
         if not self.cache.known(disk):
             self.cache.adopt(disk, seqs[-1] if seqs else 0)
             if seqs:
@@ -177,6 +190,8 @@ class ProcessServer:
             _, late = await asyncio.wait(tasks, timeout=STOP_CANCEL_SECONDS)
             if late:
                 logger.warning("uploaders did not unwind in time", disks=len(late), seconds=STOP_CANCEL_SECONDS)
+        if self.forward:
+            await self.forward.close()
         if self.repo:
             try:
                 await asyncio.wait_for(self.repo.backend.close(), STOP_REPOSITORY_CLOSE_SECONDS)

@@ -1,4 +1,4 @@
-"""Build, list, read and delete checkpoints (FORMATS.md section 8) of a disk's log."""
+"""Build, list, read and delete checkpoints (FORMATS.md section 10) of a disk's log."""
 
 from __future__ import annotations
 

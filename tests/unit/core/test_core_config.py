@@ -79,9 +79,11 @@ def test_process_server_sample_asks_for_a_key(tmp_path):
 
 def test_per_daemon_metrics_ports(tmp_path):
     assert load_text(tmp_path, ProcessServerConfig, ps_toml()).metrics.port == 9462
-    assert build(SCHEMAS["master-target"], {}).metrics.port == 9463
-    assert build(SCHEMAS["master-target"], {"metrics": {"host": "::1"}}).metrics.port == 9463
-    assert build(SCHEMAS["master-target"], {"metrics": {"port": 1}}).metrics.port == 1
+    mt = {"ingest": {"tls_cert": "server.pem", "tls_key": "server.key"}}  # the 9444 listener needs its TLS pair
+    assert build(SCHEMAS["master-target"], mt).metrics.port == 9463
+    assert build(SCHEMAS["master-target"], {**mt, "metrics": {"host": "::1"}}).metrics.port == 9463
+    assert build(SCHEMAS["master-target"], {**mt, "metrics": {"port": 1}}).metrics.port == 1
+    assert build(SCHEMAS["master-target"], mt).ingest.port == 9444
 
 
 @pytest.mark.parametrize("daemon", sorted(SCHEMAS))
@@ -253,3 +255,13 @@ def test_snapshot_providers_are_an_ordered_list_of_known_names(tmp_path):
     assert err.path == "snapshot.providers[1]" and "'zfs' is not one of reflink, lvm, freeze-copy, none" in str(err)
     err = config_error(tmp_path, MobilityConfig, mobility_toml() + '[snapshot]\nproviders = "reflink"\n')
     assert err.path == "snapshot.providers" and "expected an array of strings" in str(err)
+
+
+def test_forward_mode_needs_the_master_targets_ca_and_token_but_no_repository_key(tmp_path):
+    forward = '[forward]\nmaster_target_url = "https://mt:9444"\n'
+    err = config_error(tmp_path, ProcessServerConfig, ps_toml(repository='url = "local:/r"\n') + forward)
+    assert err.path == "forward.ca_cert"
+    cfg = load_text(tmp_path, ProcessServerConfig, ps_toml(repository='url = "local:/r"\n') + forward
+                    + 'ca_cert = "/ca.pem"\ntoken_file = "/mt.token"\n')
+    assert cfg.forward.master_target_url == "https://mt:9444" and not cfg.repository.key_file
+    assert load_text(tmp_path, ProcessServerConfig, ps_toml()).forward.master_target_url == ""

@@ -17,6 +17,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from lifeboat.control.auth import REFUSAL_REASONS
 from lifeboat.control.metrics import ControlMetrics
+from lifeboat.master_target.metrics import REJECTION_REASONS as MT_REJECTION_REASONS
 from lifeboat.master_target.metrics import MasterTargetMetrics
 from lifeboat.mobility.change_log import Tier
 from lifeboat.mobility.group import REJECT_REASONS, GroupMetrics
@@ -111,6 +112,7 @@ def test_catalog_label_values_match_the_code():
     assert values[("reason", "rejections")] == list(REJECTION_REASONS)
     assert values[("reason", "group rejected")] == list(REJECT_REASONS)
     assert values[("reason", "control refusals")] == list(REFUSAL_REASONS)
+    assert values[("reason", "mt rejections")] == list(MT_REJECTION_REASONS)
 
 
 def scrape(port: int) -> str:
@@ -151,7 +153,10 @@ def test_real_metrics_pass_promtool_and_are_catalogued(tmp_path: Path):
 
         mt_port = free_port()
         conf = tmp_path / "master-target.toml"
-        conf.write_text(to_toml({"metrics": {"host": "127.0.0.1", "port": mt_port}, "log": {"format": "kv"}}))
+        conf.write_text(to_toml({"state_dir": str(tmp_path / "mt-state"),
+                                 "ingest": {"host": "127.0.0.1", "port": 0, "tls_cert": lab.init["server_cert"],
+                                            "tls_key": lab.init["server_key"]},
+                                 "metrics": {"host": "127.0.0.1", "port": mt_port}, "log": {"format": "kv"}}))
         mt = subprocess.Popen([bin_path("lifeboat-master-target"), "-c", str(conf)], stderr=lab.log)
         deadline = time.monotonic() + 30
         while "lifeboat-master-target" not in exposed:

@@ -1,0 +1,126 @@
+"""Failback forwarding: cached batches go to a master target (in order, re-sent until acknowledged) instead of the repository.
+
+This is the temporary process server of a failback: the reprotected machine's agent sends to it
+as usual, and each disk's forwarder replays the cache to the master target with the same batch
+protocol. A batch leaves the cache only after the master target has journaled it durably.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+
+from ..core import logging as log
+from ..core.config import ForwardConfig, resolve_credential
+from ..core.errors import ConfigError, LifeboatError
+from ..mobility.sender import BatchSender
+from .cache import DiskCache
+from .metrics import ProcessServerMetrics
+
+logger = log.get("lifeboat.process_server.forwarder")
+QUERY_TIMEOUT_SECONDS = 10.0
+
+
+class MasterTargetLink:
+    """One HTTPS session to the master target, shared by every disk's forwarder."""
+
+    def __init__(self, config: ForwardConfig) -> None:
+        path = resolve_credential(config.token_file)
+        try:
+            with open(path) as f:
+                token = f.read().strip()
+        except OSError as exc:
+            raise ConfigError("forward.token_file", f"cannot read {path}: {exc.strerror}") from None
+        self.sender = BatchSender(config.master_target_url, resolve_credential(config.ca_cert), token,
+                                  config.timeout_seconds, config.retry_max_seconds)
+        self.url = config.master_target_url
+
+    async def __aenter__(self) -> "MasterTargetLink":
+        await self.sender.__aenter__()
+        return self
+
+    async def close(self) -> None:
+        await self.sender.__aexit__(None, None, None)
+
+    async def acked_seq(self, disk_id: str) -> int:
+        """One bounded attempt (the caller answers its agent 503 on failure, so nothing waits forever)."""
+        assert self.sender.session
+        try:
+            async with self.sender.session.get(f"{self.sender.url}/api/v1/disks/{disk_id}",
+                                               timeout=aiohttp.ClientTimeout(total=QUERY_TIMEOUT_SECONDS)) as resp:
+                body = await self.sender._json(resp)
+                if resp.status != 200:
+                    raise LifeboatError(f"master target {self.url} answered HTTP {resp.status} for disk {disk_id}: "
+                                        f"{body.get('message', '')}")
+                return int(body["acked_seq"])
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+            raise LifeboatError(f"master target {self.url} unreachable: {exc or type(exc).__name__}") from None
+
+
+class DiskForwarder:
+    """Same interface as DiskUploader (start, task, busy, failing, wakeup): one disk, strictly in seq order."""
+
+    def __init__(self, disk_id: str, cache: DiskCache, link: MasterTargetLink, metrics: ProcessServerMetrics,
+                 retry_max_seconds: float, pool) -> None:
+        self.disk_id = disk_id
+        self.cache = cache
+        self.link = link
+        self.metrics = metrics
+        self.retry_max_seconds = retry_max_seconds
+        self.pool = pool
+        self.wakeup = asyncio.Event()
+        self.failing: str | None = None
+        self.task: asyncio.Task | None = None
+        self._busy = False
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"forward-{self.disk_id}")
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            pending = self.cache.pending(self.disk_id)
+            if not pending:
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            seq = pending[0]
+            self._busy = True
+            try:
+                await self.forward_one(seq)
+                self.failing, delay = None, 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a refusal (4xx) is not dropped: logged, counted, retried
+                kind = type(exc).__name__
+                self.failing = f"{kind}: {exc}"
+                self.metrics.upload_errors.labels(kind).inc()
+                logger.error("forward failed, will retry", DISK=self.disk_id, BATCH=seq, error=str(exc),
+                             kind=kind, retry_in_seconds=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_seconds)
+            finally:
+                self._busy = False
+
+    async def forward_one(self, seq: int) -> None:
+        t0 = time.monotonic()
+        loop = asyncio.get_running_loop()
+        body = await loop.run_in_executor(self.pool, self.cache.read_batch, self.disk_id, seq)
+        # BatchSender re-sends on transport errors and 5xx and honours 503 Retry-After; a
+        # duplicate answer means an earlier attempt was journaled (e.g. we crashed before mark_uploaded).
+        reply = await self.link.sender.send(self.disk_id, seq, body)
+        await loop.run_in_executor(self.pool, self.cache.mark_uploaded, self.disk_id, seq)
+        m = self.metrics
+        m.forwarded_bytes.inc(len(body))
+        m.uploaded_seq.labels(self.disk_id).set(seq)
+        m.backlog.labels(self.disk_id).set(self.cache.backlog_bytes(self.disk_id))
+        m.cache_used.set(self.cache.used_bytes)
+        m.cache_free_ratio.set(self.cache.free_ratio)
+        logger.info("batch forwarded", DISK=self.disk_id, BATCH=seq, bytes=len(body), status=reply.get("status"),
+                    seconds=round(time.monotonic() - t0, 3))
