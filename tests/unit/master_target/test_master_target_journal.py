@@ -198,7 +198,7 @@ def test_rollback_to_earlier_points_including_mid_entry_and_after_a_new_history(
     w1, w2 = os.urandom(16384), os.urandom(4096)
     b = BatchBuilder(DISK, seq, SIZE)
     b.write(65536, w1)
-    b.bookmark({"point_id": "mid", "machine": "m", "created": time.time(), "consistency": "crash", "cycle": 1,
+    b.bookmark({"point_id": "mid", "machine": "web01", "created": time.time(), "consistency": "crash", "cycle": 1,
                 "block_size": 65536, "image_digest": ""})
     b.write(65536 + 4096, w2)
     b.zero(0, 8192)
@@ -250,7 +250,7 @@ def test_retention_bounds_points_and_undo_files(setup):
     j.retention_seconds = 3600
     b = BatchBuilder(DISK, 1, SIZE)
     b.write(0, os.urandom(4096))
-    b.bookmark({"point_id": "old", "machine": "m", "created": time.time() - 7200, "consistency": "crash",
+    b.bookmark({"point_id": "old", "machine": "web01", "created": time.time() - 7200, "consistency": "crash",
                 "cycle": 1, "block_size": 65536, "image_digest": ""})
     journal_batch(j, 1, b.to_bytes())
     apply_all(j, disk)
