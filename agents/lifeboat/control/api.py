@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -173,10 +174,14 @@ async def post_register(request: web.Request) -> web.Response:
         raise Refused(403, "bad_passphrase", "the registration passphrase is wrong")
 
     def run(conn):
+        if kind == "process-server" and conn.execute("SELECT 1 FROM process_servers WHERE name = ? AND is_primary = 1",
+                                                     (name,)).fetchone():
+            raise ApiError(409, "conflict", f"{name} is the primary process server's name: register the scale-out "
+                           "under another name")
         cred_id, token = auth.register(conn, body["passphrase"], kind, name, ctx.credential_ttl_seconds)
         if kind == "process-server":
-            conn.execute("INSERT INTO process_servers (name, url, is_primary, registered) VALUES (?, ?, 0, "
-                         "strftime('%s','now')) ON CONFLICT(name) DO UPDATE SET url = excluded.url", (name, url))
+            conn.execute("INSERT INTO process_servers (name, url, is_primary, registered) VALUES (?, ?, 0, ?) "
+                         "ON CONFLICT(name) DO UPDATE SET url = excluded.url", (name, url, time.time()))
         return cred_id, token
 
     cred_id, token = await ctx.store.call(run)
