@@ -146,6 +146,10 @@ async def api_middleware(request: web.Request, handler: Callable[[web.Request], 
         logger.exception("control database error", path=request.path)
         resp = web.json_response({"error": "internal", "message": f"database error: {exc}; retry, and see the "
                                   "process server's log"}, status=500)
+    except Exception as exc:  # noqa: BLE001 - a bug in one handler answers 500, never takes the daemon down
+        logger.exception("api handler failed", method=request.method, path=request.path)
+        resp = web.json_response({"error": "internal", "message": f"{type(exc).__name__}: {exc}; see the process "
+                                  "server's log"}, status=500)
     ctx.metrics.requests.labels(f"{resp.status // 100}xx").inc()
     return resp
 
