@@ -24,6 +24,7 @@ from . import control, doctor, inventory
 from ..control.auth import new_passphrase, new_token
 from .control import write_secret
 from .control_args import add_api_args, api_configured
+from . import control_failover as control_failover_cli
 from .control_failover import control_failover
 from .points import GroupFailoverRefused, group_points, machine_points, point_group, resolve, resolve_group
 from .repo_args import add_repo_args, open_from_args
@@ -323,6 +324,7 @@ def parser() -> argparse.ArgumentParser:
     doctor.add_parser(sub)
     control.add_parser(sub)
     inventory.add_parser(sub)
+    control_failover_cli.add_parser(sub)
     return ap
 
 
