@@ -119,5 +119,10 @@ def test_everything_through_the_cli(control_lab, tmp_path):
     remaining = [p["point_id"] for p in lab.points() if p["machine"] == "web01"]
     assert remaining == [real["point_id"]]
     assert json.loads(ok(lab.api_cli("status", "web01", "--json")))[0]["protection"] == "failed-over"
-    jobs = lab.api_cli("failover", "web01", "--point", "latest-app", "--to", str(target), "--overwrite")
-    assert jobs.returncode == 0, jobs.stderr   # --overwrite replaces the images
+    again = lab.api_cli("failover", "web01", "--point", "latest-app", "--to", str(target), "--overwrite")
+    assert again.returncode == 0, again.stderr   # --overwrite replaces the images
+    jobs = json.loads(ok(lab.api_cli("jobs", "web01", "--json")))
+    kinds = [(j["kind"], j["state"]) for j in reversed(jobs)]
+    assert kinds[:3] == [("test-failover", "succeeded"), ("cleanup", "succeeded"), ("failover", "succeeded")]
+    assert kinds[3][0] == "commit" and kinds[-1] == ("failover", "succeeded")
+    assert "web01" in ok(lab.api_cli("jobs"))

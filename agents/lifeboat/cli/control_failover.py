@@ -70,3 +70,31 @@ async def control_failover(args, progress_factory) -> int:
     else:
         print(json.dumps({"job": job["id"], **result}))
     return 0
+
+
+async def cmd_jobs(args) -> int:
+    """Recent jobs (newest first), or one job with --id."""
+    async with client_from_args(args) as api:
+        if args.id:
+            jobs = [await api.call("GET", f"/jobs/{args.id}")]
+        else:
+            query = f"?machine={args.machine}" if args.machine else ""
+            jobs = (await api.call("GET", f"/jobs{query}"))["jobs"]
+    if args.json:
+        print(json.dumps(jobs, indent=2))
+        return 0
+    print(f"{'JOB':<32} {'KIND':<14} {'MACHINE':<16} {'STATE':<10} ERROR")
+    for j in jobs:
+        print(f"{j['id']:<32} {j['kind']:<14} {j['machine'] or '-':<16} {j['state']:<10} {j['error'] or ''}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    from .control_args import add_api_args
+
+    p = sub.add_parser("jobs", help="failover, cleanup and commit jobs of the primary process server")
+    add_api_args(p)
+    p.add_argument("machine", nargs="?", help="only this machine's jobs")
+    p.add_argument("--id", help="one job, with its result")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_jobs)

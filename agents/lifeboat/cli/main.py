@@ -25,6 +25,7 @@ from . import plan_cmd
 from ..control.auth import new_passphrase, new_token
 from .control import write_secret
 from .control_args import add_api_args, api_configured
+from . import control_failover as control_failover_cli
 from .control_failover import control_failover
 from . import retention_cmd
 from . import azure_failover, key_cmd, master_target_cmd, reprotect_cmd
@@ -337,6 +338,7 @@ def parser() -> argparse.ArgumentParser:
     key_cmd.add_parser(sub)
     reprotect_cmd.add_parser(sub)
     master_target_cmd.add_parser(sub)
+    control_failover_cli.add_parser(sub)
     return ap
 
 

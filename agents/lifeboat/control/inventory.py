@@ -164,8 +164,8 @@ def request_move(conn, name: str, to: str) -> dict:
         _process_server(conn, to)
         if m["group"]:
             raise InventoryError(409, "conflict", f"machine {name} is in consistency group {m['group']}: moving a "
-                                 "group member is not supported yet; remove it from the group first "
-                                 f"('lifeboat protect {name} --no-group ...')")
+                                 "group member is not supported yet; take it out of the group first by "
+                                 f"protecting it again without --group ('lifeboat protect {name} --disk ...')")
         if m["process_server"] == to:
             conn.execute("UPDATE machines SET move_to = NULL WHERE name = ?", (name,))
         else:

@@ -67,3 +67,26 @@ def test_the_checker_finds_missing_fields_and_wrong_types():
     assert check(doc, schema, {"id": "c", "kind": "agent"})  # required fields missing
     assert check(doc, schema, {"id": 1, "kind": "agent", "name": "n", "created": 1.0, "expires": None,
                                "revoked": None, "revoked_reason": None}) == ["$.id: int is not string"]
+
+
+def test_every_reference_in_the_document_resolves():
+    from openapi_check import resolve
+
+    doc = load()
+    refs = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                refs.append(node["$ref"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(doc)
+    assert len(refs) > 50
+    for ref in set(refs):
+        assert resolve(doc, {"$ref": ref}), ref
+    assert doc["openapi"].startswith("3.")
