@@ -26,6 +26,7 @@ from .control import write_secret
 from .control_args import add_api_args, api_configured
 from .control_failover import control_failover
 from . import retention_cmd
+from . import push_install
 from . import azure_failover, doctor
 from .points import GroupFailoverRefused, group_points, machine_points, point_group, resolve, resolve_group
 from .repo_args import add_repo_args, open_from_args
@@ -332,6 +333,7 @@ def parser() -> argparse.ArgumentParser:
     control.add_parser(sub)
     inventory.add_parser(sub)
     retention_cmd.add_parser(sub)
+    push_install.add_parser(sub)
     return ap
 
 
