@@ -176,6 +176,7 @@ def test_machine_add_over_ssh_installs_registers_and_replicates(control_lab, ssh
         assert secret not in lab.log_path.read_text()
 
     # The installed agent, started by hand as its unit would (credentials directory), replicates.
+    started = time.time()
     agent = subprocess.run(["/opt/lifeboat/bin/lifeboat-mobility", "-c", str(conf_path), "--cycles", "1"],
                            env={**os.environ, "CREDENTIALS_DIRECTORY": "/etc/lifeboat"}, stderr=lab.log,
                            timeout=120)
@@ -186,8 +187,17 @@ def test_machine_add_over_ssh_installs_registers_and_replicates(control_lab, ssh
     res = lab.failover(point["point_id"], target, "--machine", "web01")
     assert res.returncode == 0, res.stderr
     assert sha256_file(target) == want
-    status = json.loads(lab.api_cli("status", "web01", "--json", check=True).stdout)
-    assert status[0]["machine"] == "web01" and status[0]["state"] != "unknown"
+
+    # Its heartbeat reached the control plane, which exports it (the LifeboatAgentNoHeartbeat alert's
+    # metric), keeps it across a restart of the primary, and drops it when the machine is unprotected.
+    beat = 'lifeboat_control_machine_last_heartbeat_timestamp_seconds{machine="web01"}'
+    seen = lab.ps_metrics()[beat]
+    assert seen >= started
+    assert lab.stop_ps() == 0
+    lab.start_ps()
+    assert lab.ps_metrics()[beat] == seen
+    lab.api_cli("unprotect", "web01", check=True)
+    assert beat not in lab.ps_metrics()
 
 
 @pytest.mark.usefixtures("clean_host")

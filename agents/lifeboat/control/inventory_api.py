@@ -180,8 +180,8 @@ async def post_heartbeat(request):
     ctx = ctx_of(request)
     report = _check_report(await read_json(request), name)
     machine = await ctx.store.call(inv.get_machine, name)
-    await ctx.store.call(inv.store_heartbeat, name, report)
-    ctx.metrics.last_heartbeat.labels(name).set(time.time())
+    received = await ctx.store.call(inv.store_heartbeat, name, report)
+    ctx.metrics.last_heartbeat.labels(name).set(received)
     hold_reason = None
     if machine["move_to"]:
         hold_reason = await _drained(request, machine, report)

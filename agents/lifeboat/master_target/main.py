@@ -11,7 +11,7 @@ from ..core import config as cfgmod
 from ..core import logging as log
 from ..core import sd_notify
 from ..core.errors import LifeboatError
-from ..core.runtime import run, start_metrics_server
+from ..core.runtime import config_reloader, run, start_metrics_server
 from ..core.watchdog import ping_while_progressing
 from .metrics import MasterTargetMetrics
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning("listener did not close in time", seconds=STOP_LISTENER_SECONDS)
         return 0
 
-    return run(daemon)
+    return run(daemon, config_reloader(cfgmod.MasterTargetConfig, args.config, "lifeboat-master-target", cfg))
 
 
 if __name__ == "__main__":
