@@ -71,6 +71,7 @@ def test_move_between_process_servers_continues_the_log(control_lab, tmp_path):
 
     log = lab.log_path.read_text()
     assert "machine moved" in log and "moved to another process server" in log
+    assert "policy: crash-consistent interval" in log              # the agent took the policy's interval
     assert "disk adopted from the repository log" in log          # the primary continued the log
     assert "full resync" not in log and "digest resync" not in log  # no resync at any point
     assert status()["last_resync"] is None

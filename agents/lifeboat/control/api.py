@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -145,6 +146,10 @@ async def api_middleware(request: web.Request, handler: Callable[[web.Request], 
         logger.exception("control database error", path=request.path)
         resp = web.json_response({"error": "internal", "message": f"database error: {exc}; retry, and see the "
                                   "process server's log"}, status=500)
+    except Exception as exc:  # noqa: BLE001 - a bug in one handler answers 500, never takes the daemon down
+        logger.exception("api handler failed", method=request.method, path=request.path)
+        resp = web.json_response({"error": "internal", "message": f"{type(exc).__name__}: {exc}; see the process "
+                                  "server's log"}, status=500)
     ctx.metrics.requests.labels(f"{resp.status // 100}xx").inc()
     return resp
 
@@ -173,10 +178,14 @@ async def post_register(request: web.Request) -> web.Response:
         raise Refused(403, "bad_passphrase", "the registration passphrase is wrong")
 
     def run(conn):
+        if kind == "process-server" and conn.execute("SELECT 1 FROM process_servers WHERE name = ? AND is_primary = 1",
+                                                     (name,)).fetchone():
+            raise ApiError(409, "conflict", f"{name} is the primary process server's name: register the scale-out "
+                           "under another name")
         cred_id, token = auth.register(conn, body["passphrase"], kind, name, ctx.credential_ttl_seconds)
         if kind == "process-server":
-            conn.execute("INSERT INTO process_servers (name, url, is_primary, registered) VALUES (?, ?, 0, "
-                         "strftime('%s','now')) ON CONFLICT(name) DO UPDATE SET url = excluded.url", (name, url))
+            conn.execute("INSERT INTO process_servers (name, url, is_primary, registered) VALUES (?, ?, 0, ?) "
+                         "ON CONFLICT(name) DO UPDATE SET url = excluded.url", (name, url, time.time()))
         return cred_id, token
 
     cred_id, token = await ctx.store.call(run)

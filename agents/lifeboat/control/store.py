@@ -36,17 +36,22 @@ class Migration:
 
 
 def bundled_migrations(package: str = "lifeboat.control.migrations") -> list[Migration]:
-    """The migrations shipped as package data, in version order; gaps and duplicates are refused."""
+    """The migrations shipped as package data, in version order; a number used twice is refused.
+
+    Gaps are allowed on purpose: 0001-0049 are the core control plane's, 0050 and up belong to
+    recovery plans, so the two ranges grow independently (each range is applied in its own order)."""
     found = []
     for entry in resources.files(package).iterdir():
         m = MIGRATION_RE.match(entry.name)
         if m:
             found.append(Migration(int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
     found.sort(key=lambda mig: mig.version)
-    for expected, mig in enumerate(found, start=1):
-        if mig.version != expected:
-            raise StoreError(f"migration {mig.version:04d}_{mig.name}.sql is out of sequence (expected "
-                             f"{expected:04d}): migrations are numbered 0001, 0002, ... without gaps")
+    for a, b in zip(found, found[1:]):
+        if a.version == b.version:
+            raise StoreError(f"migrations {a.version:04d}_{a.name}.sql and {b.version:04d}_{b.name}.sql share a "
+                             "number: renumber one of them")
+    if found and found[0].version < 1:
+        raise StoreError("migration numbers start at 0001")
     return found
 
 

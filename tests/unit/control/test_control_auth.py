@@ -154,3 +154,18 @@ async def test_without_a_passphrase_registration_says_how_to_set_one(tmp_path):
         assert exc.value.status == 403 and "control.registration_passphrase_file" in exc.value.message
     finally:
         await rc.stop()
+
+
+async def test_a_scale_out_cannot_take_the_primarys_name(control):
+    with pytest.raises(ApiCallFailed) as exc:
+        await register(control, "primary", kind="process-server", url="https://127.0.0.1:1")
+    assert exc.value.status == 409 and "primary process server's name" in exc.value.message
+    reply = await register(control, "ps2", kind="process-server", url="https://127.0.0.1:9444")
+    async with control.operator() as op:
+        servers = (await op.call("GET", "/process-servers"))["process_servers"]
+    assert [(s["name"], s["primary"]) for s in servers] == [("primary", True), ("ps2", False)]
+    async with control.client(reply["token"]) as ps2:
+        agent = await register(control, "web01")
+        assert (await ps2.call("POST", "/credentials/check", {"token": agent["token"]}))["name"] == "web01"
+        bad = await ps2.call("POST", "/credentials/check", {"token": "lbt_nope"})
+        assert bad["valid"] is False and bad["reason"] == "unknown_credential"

@@ -13,10 +13,31 @@ def versions(conn) -> list[tuple[int, str]]:
     return [(r[0], r[1]) for r in conn.execute("SELECT version, name FROM schema_version ORDER BY version")]
 
 
-def test_bundled_migrations_are_numbered_without_gaps_and_reserved_range_free():
-    migs = bundled_migrations()
-    assert [m.version for m in migs] == list(range(1, len(migs) + 1))
-    assert all(m.version < 50 for m in migs)  # 0050+ belong to the recovery-plans work
+def test_bundled_core_migrations_are_numbered_without_gaps_below_the_reserved_range():
+    core = [m.version for m in bundled_migrations() if m.version < 50]   # 0050+ belong to recovery plans
+    assert core == list(range(1, len(core) + 1))
+
+
+def test_a_later_range_applies_after_the_core_and_a_duplicate_number_is_refused(tmp_path):
+    import shutil
+
+    pkg = tmp_path / "fake_migrations"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "0001_a.sql").write_text("CREATE TABLE a (x);")
+    (pkg / "0050_plans.sql").write_text("CREATE TABLE plans (x);")
+    import sys
+    sys.path.insert(0, str(tmp_path))
+    try:
+        migs = bundled_migrations("fake_migrations")
+        assert [m.version for m in migs] == [1, 50]
+        conn = sqlite3.connect(tmp_path / "db", isolation_level=None)
+        assert migrate(conn, migs) == [1, 50]
+        shutil.copy(pkg / "0001_a.sql", pkg / "0001_b.sql")
+        with pytest.raises(StoreError, match="share a number"):
+            bundled_migrations("fake_migrations")
+    finally:
+        sys.path.remove(str(tmp_path))
 
 
 async def test_store_applies_every_migration_once_and_reopens_at_the_same_version(tmp_path):
