@@ -129,7 +129,8 @@ def toml_str(s: str) -> str:
     return json.dumps(s)   # a JSON string is a valid TOML basic string (same escapes)
 
 
-def agent_config(machine: str, disks: list[tuple[str, str]], ps_url: str, api_url: str, metrics_port: int | None) -> str:
+def agent_config(machine: str, disks: list[tuple[str, str]], ps_url: str, api_url: str,
+                 metrics_port: int | None) -> str:
     lines = [
         f"# Written by 'lifeboat machine add {machine}'. Every option: /opt/lifeboat/share/config/mobility.toml",
         "# The credential is a systemd credential (LoadCredential=agent.token in lifeboat-mobility.service).",
@@ -231,7 +232,12 @@ async def cmd_machine_add(args) -> int:
         for name in PACKAGES:
             remote.copy("copy", debs[name], f"{tmpdir}/{name}.deb")
         step("copy", f"{', '.join(os.path.basename(debs[n]) for n in PACKAGES)} -> {args.ssh}:{tmpdir}")
-        remote.run("install", " ".join(["dpkg", "-i", *(f"{tmpdir}/{n}.deb" for n in PACKAGES)]))
+        rc, text = remote.run("install", " ".join(["dpkg", "-i", *(f"{tmpdir}/{n}.deb" for n in PACKAGES)]),
+                              check=False)
+        if rc != 0:
+            raise PushInstallError("install", f"dpkg -i exited {rc} on {args.ssh}: {text.strip()[-1500:]} -- the "
+                                   "packages need python3.11 and passwd there: 'apt-get install python3.11', then "
+                                   "run 'lifeboat machine add' again")
     finally:
         remote.run("copy", f"rm -rf {shlex.quote(tmpdir)}", check=False, sudo=False)
     step("install", f"{' '.join(PACKAGES)} installed with dpkg -i")
