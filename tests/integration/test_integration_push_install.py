@@ -172,8 +172,22 @@ def test_machine_add_over_ssh_installs_registers_and_replicates(control_lab, ssh
     assert watcher.seen and any("ssh" in argv for argv in watcher.seen)   # the sampler did see the ssh run
     for secret in (passphrase, token):
         assert not [a for a in watcher.seen if secret in a]
-        assert secret not in out
+        assert secret not in out and secret not in Path("/etc/lifeboat/mobility.toml").read_text()
         assert secret not in lab.log_path.read_text()
+
+    # Running it again (an upgrade, a lost credential) replaces the credential: one live per machine.
+    again = lab.api_cli("machine", "add", "web01", "--ssh", "root@127.0.0.1", "--port", str(port),
+                        "--identity", str(key), "--known-hosts", str(known_hosts), "--disk", f"sda={disk}",
+                        "--package", str(debs), "--metrics-port", "0")
+    assert again.returncode == EXIT_NOT_STARTED, again.stdout + again.stderr
+    assert "is already protected" in again.stdout and "revoked (replaced)" in again.stdout
+    creds = json.loads(lab.api_cli("credentials", "list", "--json", check=True).stdout)
+    assert sorted(bool(c["revoked"]) for c in creds if c["kind"] == "agent" and c["name"] == "web01") == [False, True]
+    assert token_path.read_text().strip() != token
+    wrong = lab.api_cli("machine", "add", "web01", "--ssh", "root@127.0.0.1", "--port", str(port),
+                        "--identity", str(key), "--known-hosts", str(known_hosts), "--disk", f"sdb={disk}",
+                        "--package", str(debs))
+    assert wrong.returncode == 5 and "step 'protect' failed" in wrong.stderr and "sda" in wrong.stderr
 
     # The installed agent, started by hand as its unit would (credentials directory), replicates.
     started = time.time()

@@ -173,6 +173,10 @@ async def protect_and_issue(args, disks: list[tuple[str, str]]) -> tuple[str, st
     async with client_from_args(args) as api:
         try:
             machine = await api.call("GET", f"/machines/{args.machine}")
+            if sorted(machine["disks"]) != sorted(d for d, _ in disks):
+                raise PushInstallError("protect", f"{args.machine} is already protected with disks "
+                                       f"{', '.join(machine['disks'])}, not {', '.join(d for d, _ in disks)}: pass "
+                                       "those --disk ids, or change them first with 'lifeboat protect'")
             step("protect", f"{args.machine} is already protected (disks {', '.join(machine['disks'])}); kept as is")
         except ApiCallFailed as exc:
             if exc.status != 404:
@@ -193,6 +197,15 @@ async def protect_and_issue(args, disks: list[tuple[str, str]]) -> tuple[str, st
         reply = await api.call("POST", "/credentials", {"kind": "agent", "name": args.machine})
         step("register", f"agent credential {reply['credential_id']} issued for {reply['principal']}")
         return ps["url"], reply["token"], reply["credential_id"]
+
+
+async def revoke_replaced(args, keep: str) -> None:
+    """A re-run installs a new credential: the machine's older ones stop working (one live credential each)."""
+    async with client_from_args(args) as api:
+        for c in (await api.call("GET", "/credentials"))["credentials"]:
+            if c["kind"] == "agent" and c["name"] == args.machine and c["id"] != keep and not c["revoked"]:
+                await api.call("POST", f"/credentials/{c['id']}/revoke", {"reason": "replaced by lifeboat machine add"})
+                step("register", f"older agent credential {c['id']} revoked (replaced)")
 
 
 async def cmd_machine_add(args) -> int:
@@ -221,7 +234,12 @@ async def cmd_machine_add(args) -> int:
         remote.run("sudo", "true")
     step("connect", f"{args.ssh}: connected as {'root' if facts[0] == '0' else 'uid ' + facts[0] + ' (sudo)'}")
 
-    ps_url, token, _ = await protect_and_issue(args, disks)
+    from ..control.client import ApiCallFailed
+
+    try:
+        ps_url, token, credential_id = await protect_and_issue(args, disks)
+    except ApiCallFailed as exc:
+        raise PushInstallError("protect/register", f"{exc}; nothing was installed on {args.ssh}") from None
     step("process server", f"the agent will send to {ps_url}")
 
     _, tmpdir = remote.run("copy", "mktemp -d /tmp/lifeboat-push.XXXXXX", sudo=False)
@@ -246,6 +264,7 @@ async def cmd_machine_add(args) -> int:
                f"chmod 0600 {REMOTE_CREDENTIAL}.new && mv -f {REMOTE_CREDENTIAL}.new {REMOTE_CREDENTIAL}",
                stdin=token.encode() + b"\n")
     step("credential", f"{args.ssh}:{REMOTE_CREDENTIAL} written (0600, sent over the SSH channel)")
+    await revoke_replaced(args, credential_id)
     remote.run("config", f"install -d -m 0755 {os.path.dirname(REMOTE_CA)} && cat > {REMOTE_CA}.new && "
                f"chmod 0644 {REMOTE_CA}.new && mv -f {REMOTE_CA}.new {REMOTE_CA}", stdin=ca_pem)
     config = agent_config(args.machine, disks, ps_url, settings["api"], args.metrics_port)
