@@ -173,10 +173,13 @@ def request_move(conn, name: str, to: str) -> dict:
     return get_machine(conn, name)
 
 
-def store_heartbeat(conn, name: str, body: dict) -> None:
+def store_heartbeat(conn, name: str, body: dict) -> float:
+    """Store the report; returns when it was received (Unix time)."""
+    received = time.time()
     with transaction(conn):
         conn.execute("INSERT INTO heartbeats (machine, received, body) VALUES (?, ?, ?) ON CONFLICT(machine) DO "
-                     "UPDATE SET received = excluded.received, body = excluded.body", (name, time.time(), json.dumps(body)))
+                     "UPDATE SET received = excluded.received, body = excluded.body", (name, received, json.dumps(body)))
+    return received
 
 
 def heartbeats(conn) -> dict[str, tuple[float, dict]]:

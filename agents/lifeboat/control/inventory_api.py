@@ -106,6 +106,10 @@ async def put_machine(request):
 async def delete_machine(request):
     require(request)
     machine = await ctx_of(request).store.call(inv.unprotect, request.match_info["machine"])
+    try:
+        ctx_of(request).metrics.last_heartbeat.remove(machine["name"])
+    except KeyError:
+        pass   # it never sent a heartbeat
     logger.warning("machine unprotected (its points stay in the repository)", MACHINE=machine["name"],
                    by=str(request[PRINCIPAL_KEY]))
     return web.json_response(machine)
@@ -176,7 +180,8 @@ async def post_heartbeat(request):
     ctx = ctx_of(request)
     report = _check_report(await read_json(request), name)
     machine = await ctx.store.call(inv.get_machine, name)
-    await ctx.store.call(inv.store_heartbeat, name, report)
+    received = await ctx.store.call(inv.store_heartbeat, name, report)
+    ctx.metrics.last_heartbeat.labels(name).set(received)
     hold_reason = None
     if machine["move_to"]:
         hold_reason = await _drained(request, machine, report)

@@ -23,3 +23,7 @@ class ControlMetrics:
             self.refusals.labels(reason)
         self.schema_version = Gauge("lifeboat_control_schema_version", "Schema version of the control database",
                                     registry=r)
+        # One series per protected machine (the inventory bounds the label; unprotect removes it).
+        self.last_heartbeat = Gauge("lifeboat_control_machine_last_heartbeat_timestamp_seconds",
+                                    "When the primary last received the machine's agent heartbeat (Unix time)",
+                                    ["machine"], registry=r)

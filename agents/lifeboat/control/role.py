@@ -14,6 +14,7 @@ from ..core import tls
 from ..core.config import ProcessServerConfig, resolve_credential
 from ..core.errors import ConfigError
 from . import auth
+from . import inventory as inv
 from .api import ControlContext, build_app
 from .metrics import ControlMetrics
 from .store import Store, transaction
@@ -75,6 +76,11 @@ class ControlRole:
             return new_pass, new_op
 
         new_pass, new_op = await self.store.call(bootstrap)
+        # The heartbeat gauge outlives a restart: a machine that went silent before it must still alert.
+        protected = {m["name"] for m in await self.store.call(inv.list_machines)}
+        for machine, (received, _) in (await self.store.call(inv.heartbeats)).items():
+            if machine in protected:
+                self.metrics.last_heartbeat.labels(machine).set(received)
         if new_pass or new_op:
             logger.info("bootstrap secrets stored", passphrase=new_pass, operator_credential=new_op)
         operators = await self.store.call(lambda c: c.execute(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import dataclasses
 import signal
+import time
 from typing import Awaitable, Callable
 
 from aiohttp import web
@@ -34,8 +36,39 @@ def pin_malloc() -> bool:
         return False
 
 
-def run(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
-    """Run main(stop_event) on uvloop; SIGTERM/SIGINT set the event and send STOPPING=1 (no exit from handlers)."""
+def config_reloader(cls, path: str, identifier: str, current) -> Callable[[], None]:
+    """A SIGHUP action: re-read the config file and apply what is cheap to apply live (the log level
+    and format); other changed sections are logged as needing a restart. A bad file changes nothing."""
+    from . import config as cfgmod
+    from . import logging as log
+    from .errors import LifeboatError
+
+    state = {"cfg": current}
+
+    def reload() -> None:
+        logger = log.get("lifeboat.reload")
+        try:
+            new = cfgmod.load(cls, path)
+        except LifeboatError as exc:
+            logger.error("configuration reload refused: the running configuration is kept", path=path,
+                         error=str(exc))
+            return
+        old = state["cfg"]
+        log.configure(new.log.level, new.log.format, identifier)
+        restart = sorted(f.name for f in dataclasses.fields(new)
+                         if f.name != "log" and getattr(new, f.name) != getattr(old, f.name))
+        state["cfg"] = dataclasses.replace(old, log=new.log)
+        logger.info("configuration reloaded", path=path, log_level=new.log.level,
+                    needs_restart=",".join(restart) or None)
+
+    return reload
+
+
+def run(main: Callable[[asyncio.Event], Awaitable[int]], reload: Callable[[], None] | None = None) -> int:
+    """Run main(stop_event) on uvloop; SIGTERM/SIGINT set the event and send STOPPING=1 (no exit from handlers).
+
+    With `reload`, SIGHUP runs it between RELOADING=1 and READY=1 (sd_notify(3)), on the loop.
+    """
     pin_malloc()
     try:
         import uvloop
@@ -60,6 +93,16 @@ def run(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        if reload is not None:
+            def on_hup() -> None:
+                # MONOTONIC_USEC lets systemd (Type=notify-reload) match this reload to its signal.
+                sd_notify.notify(f"RELOADING=1\nMONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+                try:
+                    reload()
+                finally:
+                    sd_notify.notify("READY=1")
+
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
         return await main(stop)
 
     with runner:

@@ -11,7 +11,7 @@ from ..core import config as cfgmod
 from ..core import logging as log
 from ..core import sd_notify
 from ..core.errors import LifeboatError
-from ..core.runtime import run
+from ..core.runtime import config_reloader, run
 from ..core.watchdog import ping_while_progressing
 from .server import SHUTDOWN_BUDGET_SECONDS, MasterTarget
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("stopped")
         return 0
 
-    return run(daemon)
+    return run(daemon, config_reloader(cfgmod.MasterTargetConfig, args.config, "lifeboat-master-target", cfg))
 
 
 if __name__ == "__main__":

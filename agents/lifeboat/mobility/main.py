@@ -11,7 +11,7 @@ from ..core import config as cfgmod
 from ..core import logging as log
 from ..core import sd_notify
 from ..core.errors import LifeboatError
-from ..core.runtime import run, start_metrics_server
+from ..core.runtime import config_reloader, run, start_metrics_server
 from ..core.watchdog import StallDetector, ping_while_progressing
 from .agent import Agent
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 except asyncio.TimeoutError:
                     logger.warning("metrics listener did not close in time", seconds=STOP_LISTENER_SECONDS)
 
-    return run(daemon)
+    return run(daemon, config_reloader(cfgmod.MobilityConfig, args.config, "lifeboat-mobility", cfg))
 
 
 if __name__ == "__main__":

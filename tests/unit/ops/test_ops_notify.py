@@ -204,3 +204,40 @@ def test_agent_ready_after_reconcile_watchdog_stopping(tmp_path: Path, notify_so
         ps_socket.close()
     assert "watchdog probe failed" not in lab.log_path.read_text()
     assert "withholding watchdog pings" not in lab.log_path.read_text()
+
+
+def test_process_server_reloads_on_sighup(tmp_path: Path, notify_socket: NotifySocket):
+    """SIGHUP: RELOADING=1, the log level applied live, other changes reported as needing a
+    restart, READY=1; a broken file is refused and the daemon runs on with its configuration."""
+    lab = Lab(tmp_path / "lab")
+    try:
+        conf = lab.ps_config()
+        proc = subprocess.Popen([bin_path("lifeboat-process-server"), "-c", str(conf)], stderr=lab.log,
+                                env={**os.environ, "NOTIFY_SOCKET": notify_socket.path})
+        try:
+            notify_socket.wait_for("READY=1", 30)
+            lab.ps_config({"log": {"level": "debug"}, "cache": {"max_bytes": 1 << 29}})
+            notify_socket.drain()
+            proc.send_signal(signal.SIGHUP)
+            notify_socket.wait_for("RELOADING=1", 10)
+            notify_socket.wait_for("READY=1", 10)
+            conf.write_text("[ingest\n")   # not TOML
+            proc.send_signal(signal.SIGHUP)
+            notify_socket.wait_for("RELOADING=1", 10)
+            notify_socket.wait_for("READY=1", 10)
+            assert proc.poll() is None
+            with socket.create_connection(("127.0.0.1", lab.ps_port), timeout=1):
+                pass
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        messages = [m for _, m in notify_socket.seen]
+        assert any(m.startswith("MONOTONIC_USEC=") for m in messages)
+        log = lab.log_path.read_text()
+        assert "event='configuration reloaded'" in log and "log_level='debug'" in log and "needs_restart='cache'" in log
+        assert "event='configuration reload refused: the running configuration is kept'" in log
+    finally:
+        lab.close()
