@@ -67,6 +67,8 @@ def encode_record(key: bytes, header_bytes: bytes, index: int, frame: Frame) -> 
         packed = compression.compress(plain)
         if len(packed) < len(plain):  # incompressible (random, already compressed) data stays raw
             comp, body = compression.COMPRESSION_ZSTD, packed
+    if not isinstance(body, bytes):  # a parser's zero-copy view; libsodium's binding takes bytes only
+        body = bytes(body)
     record = crypto.seal(key, body, header_bytes + RECORD_AAD.pack(index))
     fields = (frame.kind, comp, len(plain), frame.offset, frame.length, xxhash.xxh3_64_intdigest(plain))
     return fields, record

@@ -153,41 +153,79 @@ class BatchParser:
     """Incremental, bounded parser: feed() chunks, get verified frames back, then finish().
 
     Validation order per record (STYLE.md 3): size → magic → version → declared lengths within
-    bounds → checksum; nothing larger than one frame is ever buffered.
+    bounds → checksum. Only headers and checksums are buffered: a payload is hashed as it streams
+    through, and kept (as views of the caller's bytes where it lies within one chunk, else joined
+    once) only when `keep_payloads` is true. The process server's ingest verifies with
+    keep_payloads=False, so a write frame's payload is never copied there.
     """
 
     def __init__(self, expected_disk_id: str | None = None, expected_seq: int | None = None,
-                 max_payload: int = MAX_FRAME_PAYLOAD_BYTES) -> None:
+                 max_payload: int = MAX_FRAME_PAYLOAD_BYTES, keep_payloads: bool = True) -> None:
         self.expected_disk_id = expected_disk_id
         self.expected_seq = expected_seq
         self.max_payload = max_payload
+        self.keep_payloads = keep_payloads
         self.header: BatchHeader | None = None
-        self._buf = bytearray()
+        self._buf = bytearray()      # the batch header, a frame header or a checksum being assembled
+        self._frame: tuple | None = None   # (kind, offset, length, header bytes) whose payload is streaming
+        self._need = 0               # payload bytes of _frame still to come
+        self._hash = None
+        self._pieces: list = []
         self._index = 0
         self.bytes_seen = 0
 
+    def _fill(self, view: memoryview, pos: int, want: int) -> int:
+        """Move bytes from view[pos:] into _buf until it holds `want`; returns the new position."""
+        take = min(want - len(self._buf), len(view) - pos)
+        if take > 0:
+            self._buf += view[pos: pos + take]
+            pos += take
+        return pos
+
     def feed(self, chunk: bytes | memoryview) -> list[Frame]:
-        self._buf += chunk
-        self.bytes_seen += len(chunk)
+        if not (isinstance(chunk, bytes) or (isinstance(chunk, memoryview) and chunk.readonly)):
+            chunk = bytes(chunk)  # kept payload views must not change under us
+        view = memoryview(chunk)
+        self.bytes_seen += len(view)
         frames: list[Frame] = []
+        pos, end = 0, len(view)
         while True:
             if self.header is None:
-                if not self._parse_header():
+                pos = self._parse_header(view, pos)
+                if self.header is None:
                     return frames
                 continue
             if self._index >= self.header.frame_count:
-                if self._buf:
-                    raise FrameError(self._index, f"{len(self._buf)} trailing bytes after the last declared frame")
+                if pos < end:
+                    raise FrameError(self._index, f"{end - pos} trailing bytes after the last declared frame")
                 return frames
-            frame = self._parse_frame()
-            if frame is None:
+            if self._frame is None:
+                pos = self._fill(view, pos, FRAME_HEADER.size)
+                if len(self._buf) < FRAME_HEADER.size:
+                    return frames
+                self._start_frame()
+            if self._need:
+                take = min(self._need, end - pos)
+                if take == 0:
+                    return frames
+                piece = view[pos: pos + take]
+                self._hash.update(piece)
+                if self.keep_payloads or self._frame[0] == FRAME_BOOKMARK:
+                    self._pieces.append(piece)
+                self._need -= take
+                pos += take
+                if self._need:
+                    return frames
+            pos = self._fill(view, pos, FRAME_CHECKSUM.size)
+            if len(self._buf) < FRAME_CHECKSUM.size:
                 return frames
-            frames.append(frame)
+            frames.append(self._end_frame())
 
-    def _parse_header(self) -> bool:
+    def _parse_header(self, view: memoryview, pos: int) -> int:
         fixed = BATCH_HEADER.size
+        pos = self._fill(view, pos, fixed)
         if len(self._buf) < fixed:
-            return False
+            return pos
         magic, version, _flags, id_len, seq, disk_size, frame_count, _res = BATCH_HEADER.unpack_from(self._buf)
         if magic != BATCH_MAGIC:
             raise FrameError("header", f"magic {magic!r} is not {BATCH_MAGIC!r}: not a Lifeboat batch")
@@ -200,8 +238,9 @@ class BatchParser:
         if disk_size % SECTOR_BYTES:
             raise FrameError("header", f"disk size {disk_size} is not a multiple of {SECTOR_BYTES}")
         total = fixed + id_len + BATCH_HEADER_CHECKSUM.size
+        pos = self._fill(view, pos, total)
         if len(self._buf) < total:
-            return False
+            return pos
         (checksum,) = BATCH_HEADER_CHECKSUM.unpack_from(self._buf, fixed + id_len)
         if checksum != xxhash.xxh3_64_intdigest(bytes(self._buf[: fixed + id_len])):
             raise FrameError("header", "header checksum mismatch")
@@ -214,13 +253,11 @@ class BatchParser:
         if self.expected_seq is not None and seq != self.expected_seq:
             raise FrameError("header", f"batch has sequence {seq}, URL says {self.expected_seq}")
         self.header = BatchHeader(disk_id, seq, disk_size, frame_count)
-        del self._buf[:total]
-        return True
+        self._buf.clear()
+        return pos
 
-    def _parse_frame(self) -> Frame | None:
-        fh = FRAME_HEADER.size
-        if len(self._buf) < fh:
-            return None
+    def _start_frame(self) -> None:
+        """Validate a complete frame header (before any of its payload is accepted)."""
         kind, _flags, _res, payload_len, offset, length = FRAME_HEADER.unpack_from(self._buf)
         idx = self._index
         if kind not in FRAME_TYPES:
@@ -238,27 +275,37 @@ class BatchParser:
                 raise FrameError(idx, f"extent {offset}+{length} is not a non-empty multiple of {SECTOR_BYTES}-byte sectors")
             if offset + length > self.header.disk_size:
                 raise FrameError(idx, f"extent {offset}+{length} ends past the disk size {self.header.disk_size}")
-        total = fh + payload_len + FRAME_CHECKSUM.size
-        if len(self._buf) < total:
-            return None
-        header = bytes(self._buf[:fh])
-        payload = bytes(self._buf[fh: fh + payload_len])
-        (checksum,) = FRAME_CHECKSUM.unpack_from(self._buf, fh + payload_len)
-        if checksum != frame_checksum(header, payload, idx):
+        header = bytes(self._buf)
+        self._buf.clear()
+        self._frame = (kind, offset, length, header)
+        self._need = payload_len
+        self._hash = xxhash.xxh3_64(seed=idx)  # seeded by the index, as frame_checksum()
+        self._hash.update(header)
+        self._pieces = []
+
+    def _end_frame(self) -> Frame:
+        idx = self._index
+        kind, offset, length, _header = self._frame
+        (checksum,) = FRAME_CHECKSUM.unpack_from(self._buf)
+        self._buf.clear()
+        if checksum != self._hash.intdigest():
             raise FrameError(idx, "checksum mismatch (data corrupted in transit or on disk)")
+        pieces = self._pieces
+        payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         if kind == FRAME_BOOKMARK:
+            payload = bytes(payload)
             try:
                 validate_bookmark(json.loads(payload))
             except (ValueError, RecursionError) as exc:  # deeply nested JSON exhausts the parser's stack
                 raise FrameError(idx, f"bookmark payload is not valid point JSON: {exc}") from None
-        del self._buf[:total]
+        self._frame, self._hash, self._pieces = None, None, []
         self._index += 1
         return Frame(kind, offset, length, payload)
 
     def finish(self) -> BatchHeader:
         if self.header is None:
             raise FrameError("header", f"batch truncated: {self.bytes_seen} bytes, header incomplete")
-        if self._index != self.header.frame_count or self._buf:
+        if self._index != self.header.frame_count or self._buf or self._frame is not None:
             raise FrameError(
                 self._index, f"batch truncated: {self._index} of {self.header.frame_count} frames complete"
             )

@@ -29,7 +29,7 @@ from .tracepoint import TracefsUnavailable, TracepointTracker, instance_name
 
 logger = log.get("lifeboat.mobility")
 # Batches read ahead of the sender per disk. Peak memory per disk is about (QUEUE_BATCHES + 2) ×
-# batch_bytes of payload plus the copy made by to_bytes(): measured ~7 × batch_bytes (bench/README.md).
+# batch_bytes of payload (queued, being built, being sent); the body is sent from its parts.
 QUEUE_BATCHES = 2
 TRACKER_HANDOVER_FILE = "tracepoint-handover.json"
 
@@ -442,9 +442,9 @@ class Agent:
             while True:
                 pending = await queue.get()
                 await loop.run_in_executor(None, state.dmap.mark_unknown, pending.block_ranges)
-                body = pending.builder.to_bytes()
-                await self.sender.send(state.disk_id, pending.builder.seq, body)
-                self.metrics.sent_bytes.inc(len(body))
+                parts = pending.builder.parts()  # sent as they are: no joined copy of the batch
+                await self.sender.send(state.disk_id, pending.builder.seq, parts)
+                self.metrics.sent_bytes.inc(sum(len(p) for p in parts))
                 if pending.last:
                     break
             result = await scans[state.disk_id]

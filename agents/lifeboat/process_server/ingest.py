@@ -130,7 +130,8 @@ class IngestService:
         self._receiving.add(disk)
         self.cache.reserved_bytes += length
         loop = asyncio.get_running_loop()
-        parser = BatchParser(expected_disk_id=disk, expected_seq=seq)
+        # Verify only: payloads are hashed as they stream through, never copied (the uploader re-reads them).
+        parser = BatchParser(expected_disk_id=disk, expected_seq=seq, keep_payloads=False)
         fd = None
         received = 0
         try:

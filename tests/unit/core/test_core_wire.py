@@ -490,3 +490,32 @@ def test_fuzz_mutated_valid_batch(edits):
                 del data[pos]
     run_parser([bytes(data)], expected_disk_id=DISK)
 
+
+
+# -- verify-only parsing (the process server's ingest) ---------------------------------------------
+
+def test_verify_only_parser_checks_every_payload_byte_without_keeping_it():
+    body = sample_batch()
+    frames = []
+    parser = BatchParser(keep_payloads=False)
+    for i in range(0, len(body), 100):  # payloads span chunks: hashed piece by piece
+        frames += parser.feed(body[i:i + 100])
+    parser.finish()
+    assert [(f.kind, len(f.payload)) for f in frames][:3] == [(FRAME_WRITE, 0), (FRAME_ZERO, 0), (FRAME_WRITE, 0)]
+    assert frames[3].bookmark()["point_id"] == "p-0001"  # bookmarks are kept: they are validated JSON
+    for which, (_, payload_start, end) in enumerate(frame_spans(body)):
+        for pos in (payload_start, (payload_start + end) // 2, end - 1):
+            damaged = bytearray(body)
+            damaged[pos] ^= 0x80
+            with pytest.raises(FrameError, match="checksum mismatch") as info:
+                BatchParser(keep_payloads=False).feed(bytes(damaged))
+            assert info.value.args[0] == which
+
+
+def test_parsed_payloads_do_not_change_when_the_caller_reuses_its_buffer():
+    body = bytearray(sample_batch())
+    parser = BatchParser()
+    frames = parser.feed(body)
+    body[:] = bytes(len(body))  # the caller overwrites its buffer: the parser copied it
+    parser.finish()
+    assert bytes(frames[0].payload) == bytes(range(256)) * 4
