@@ -10,7 +10,7 @@ from ..core import logging as log
 from ..core.catalog import PointEntry
 from ..core.errors import FormatError, LifeboatError
 from ..core.segment import SegmentHeader, assemble_segment, encode_record
-from ..core.wire import FRAME_BOOKMARK, parse_batch
+from ..core.wire import BATCH_FLAG_AGENT_COMPRESSED, FRAME_BOOKMARK, FRAME_WRITE, parse_batch
 from ..repository.repo import Repository
 from .cache import DiskCache
 from .metrics import ProcessServerMetrics
@@ -77,7 +77,8 @@ class DiskUploader:
         data = await loop.run_in_executor(self.pool, self.cache.read_batch, self.disk_id, seq)
         try:
             header, frames = await loop.run_in_executor(
-                self.pool, lambda: parse_batch(data, expected_disk_id=self.disk_id, expected_seq=seq))
+                self.pool, lambda: parse_batch(data, expected_disk_id=self.disk_id, expected_seq=seq,
+                                               check_compressed=False))  # the ingest decompressed them
         except FormatError as exc:
             # The batch was verified before it was acknowledged: the cache disk corrupted it.
             raise LifeboatError(f"cached batch {self.disk_id}/{seq} is damaged on the cache disk: {exc}; "
@@ -87,15 +88,18 @@ class DiskUploader:
         header_bytes = seg_header.encode()
         key = self.repo.segment_key
 
+        # A compressing agent (batch version 2) left raw only what zstd could not shrink.
+        try_compress = not header.flags & BATCH_FLAG_AGENT_COMPRESSED
+
         def encode_slice(start: int) -> list:
-            return [encode_record(key, header_bytes, i, frames[i])
+            return [encode_record(key, header_bytes, i, frames[i], try_compress)
                     for i in range(start, min(start + FRAMES_PER_TASK, len(frames)))]
 
         futures = [loop.run_in_executor(self.pool, encode_slice, s) for s in range(0, len(frames), FRAMES_PER_TASK)]
         encoded = [rec for chunk in await asyncio.gather(*futures) for rec in chunk]
         parts = assemble_segment(key, seg_header, encoded)
         stored = sum(len(p) for p in parts)
-        source = sum(len(f.payload) for f in frames)
+        source = sum(f.length for f in frames if f.kind == FRAME_WRITE)  # plaintext, however it came
         await self.repo.put_segment(self.disk_id, seq, parts)
         # Publish order: segment first, then its catalog entries, then forget the cached batch.
         points = []
