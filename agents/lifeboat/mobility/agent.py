@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import json
 import os
@@ -24,7 +25,7 @@ from .group import GroupCoordinator, GroupMember, GroupMetrics, Hold, coordinato
 from .kept_data import KeptDataSnapshot
 from .metrics import RESYNC_REASONS, TIER_REASONS, MobilityMetrics
 from .quiescer import run_script
-from .sender import BatchSender
+from .sender import BatchSender, SendWindow
 from .snapshot import FreezeCopySnapshot
 from .tracepoint import TracefsUnavailable, TracepointTracker, instance_name
 
@@ -36,6 +37,9 @@ QUEUE_BATCHES = 1
 # Each batch's write frames are zstd-compressed in this many slices on the default executor,
 # so both cores compress while the scan thread reads the next batch and the loop sends the last.
 COMPRESS_SLICES = 4
+# Batches per disk sent at once: the process server receives and fsyncs them side by side and
+# acknowledges them in order, so no round trip or fsync is waited for between two batches.
+SEND_WINDOW = 3
 TRACKER_HANDOVER_FILE = "tracepoint-handover.json"
 
 
@@ -473,20 +477,35 @@ class Agent:
             return state, result
 
         async def send_compressed(state: DiskState, queue: asyncio.Queue, compressor: asyncio.Task) -> None:
-            while True:
-                get = asyncio.ensure_future(queue.get())
-                await asyncio.wait([get, compressor], return_when=asyncio.FIRST_COMPLETED)
-                if not get.done() and compressor.exception() is not None:
-                    get.cancel()  # the compressor failed (e.g. the scan's read error): end the cycle with it
-                    raise compressor.exception()
-                pending = await get
-                # Not the default executor: its threads may all be scans blocked on full queues (many disks).
-                await loop.run_in_executor(self._cpu_pool, state.dmap.mark_unknown, pending.block_ranges)
-                parts = pending.builder.parts()  # sent as they are: no joined copy of the batch
-                await self.sender.send(state.disk_id, pending.builder.seq, parts)
+            window: SendWindow | None = None
+            inflight: collections.deque[asyncio.Task] = collections.deque()
+
+            async def send_one(seq: int, parts: list) -> None:
+                await self.sender.send(state.disk_id, seq, parts, window)
                 self.metrics.sent_bytes.inc(sum(len(p) for p in parts))
-                if pending.last:
-                    return
+
+            try:
+                while True:
+                    get = asyncio.ensure_future(queue.get())
+                    await asyncio.wait([get, compressor], return_when=asyncio.FIRST_COMPLETED)
+                    if not get.done() and compressor.exception() is not None:
+                        get.cancel()  # the compressor failed (e.g. the scan's read error): end the cycle with it
+                        raise compressor.exception()
+                    pending = await get
+                    if window is None:
+                        window = SendWindow(pending.builder.seq - 1)
+                    # Not the default executor: its threads may all be scans blocked on full queues (many disks).
+                    await loop.run_in_executor(self._cpu_pool, state.dmap.mark_unknown, pending.block_ranges)
+                    parts = pending.builder.parts()  # sent as they are: no joined copy of the batch
+                    inflight.append(asyncio.create_task(send_one(pending.builder.seq, parts)))
+                    while inflight and (len(inflight) >= SEND_WINDOW or pending.last):
+                        await inflight.popleft()  # acknowledged in order: the oldest finishes first
+                    if pending.last:
+                        return
+            finally:
+                for task in inflight:
+                    task.cancel()
+                await asyncio.gather(*inflight, return_exceptions=True)
 
         async def post_after_reads() -> None:
             # Writers resume as soon as every disk has been read; the last batches may still be in flight.

@@ -67,6 +67,16 @@ class BatchPayload(aiohttp.payload.Payload):
             await writer.write(b"".join(small))
 
 
+class SendWindow:
+    """One disk's batches in flight. The process server acknowledges them in seq order, so
+    `acked` is the highest seq it has acknowledged to us: an out_of_order reply expecting a seq
+    above it names a batch we are still sending (transient), one at or below it means the
+    server lost batches it had acknowledged (resync)."""
+
+    def __init__(self, acked: int) -> None:
+        self.acked = acked
+
+
 class BatchSender:
     def __init__(self, url: str, ca_cert: str, token: str, timeout_seconds: float, retry_max_seconds: float) -> None:
         self.url = url.rstrip("/")
@@ -134,10 +144,11 @@ class BatchSender:
 
         return await self._retrying(f"query {disk_id}", attempt)
 
-    async def send(self, disk_id: str, seq: int, body: bytes | list) -> dict:
+    async def send(self, disk_id: str, seq: int, body: bytes | list, window: SendWindow | None = None) -> dict:
         """Send until stored or duplicate; 503 honours Retry-After; other 4xx are permanent.
 
-        `body` is the batch as bytes or as a builder's parts (sent without joining them)."""
+        `body` is the batch as bytes or as a builder's parts (sent without joining them).
+        `window`: other batches of this disk are in flight (see SendWindow)."""
         url = f"{self.url}{API_PREFIX}/disks/{disk_id}/batches/{seq}"
         parts = [body] if isinstance(body, (bytes, bytearray, memoryview)) else list(body)
         body_len = sum(len(p) for p in parts)
@@ -150,12 +161,19 @@ class BatchSender:
                     reply = await self._json(resp)
                     if resp.status == 200:
                         self.sent_bytes += body_len
+                        if window is not None:
+                            window.acked = max(window.acked, seq)
                         return reply
                     if resp.status == 503:
                         await self._throttled(resp, reply, disk_id, seq)
                         continue
                     if resp.status == 409 and reply.get("error") == "busy":
                         await asyncio.sleep(0.5)  # an earlier attempt of ours is still being received
+                        continue
+                    expected = reply.get("expected_seq")
+                    if (resp.status == 409 and reply.get("error") == "out_of_order" and window is not None
+                            and isinstance(expected, int) and window.acked < expected < seq):
+                        await asyncio.sleep(0.05)  # an earlier batch of ours is still in flight or being resent
                         continue
                     if resp.status == 409 and reply.get("error") == "out_of_order":
                         raise ResyncRequired(disk_id, f"process server expects sequence {reply.get('expected_seq')}, "
