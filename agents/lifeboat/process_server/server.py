@@ -19,7 +19,7 @@ from ..repository.repo import Repository
 from .cache import DiskCache
 from .ingest import IngestService
 from .metrics import ProcessServerMetrics
-from .uploader import DiskUploader
+from .uploader import UPLOAD_SLOTS, DiskUploader
 
 logger = log.get("lifeboat.process_server")
 
@@ -50,6 +50,7 @@ class ProcessServer:
         self.ingest_port = 0
         self.metrics_port = 0
         self._stalls: dict[str, StallDetector] = {}
+        self._upload_slots: asyncio.Semaphore | None = None
 
     def _token(self) -> str:
         path = resolve_credential(self.config.ingest.agent_token_file)
@@ -110,8 +111,10 @@ class ProcessServer:
         up = self.uploaders.get(disk)
         if up is None:
             assert self.repo is not None
+            if self._upload_slots is None:  # created on the loop that runs the uploaders
+                self._upload_slots = asyncio.Semaphore(UPLOAD_SLOTS)
             up = self.uploaders[disk] = DiskUploader(disk, self.cache, self.repo, self.pool, self.metrics,
-                                                     self.config.upload.retry_max_seconds)
+                                                     self.config.upload.retry_max_seconds, self._upload_slots)
             up.start()
         return up
 

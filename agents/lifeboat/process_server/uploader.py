@@ -18,6 +18,11 @@ from .metrics import ProcessServerMetrics
 logger = log.get("lifeboat.process_server.uploader")
 # Frames per executor task: enough work per hop to amortise the thread switch.
 FRAMES_PER_TASK = 4
+# Segments being built and uploaded at once across all disks. Each holds its cached batch and its
+# sealed records (about 2 × batch_bytes). Process server peak RSS with 8 agents × 512 MiB at once
+# (bench/scale.py): unbounded 275 MiB, 4 slots 239 MiB, 2 slots 145 MiB at the same aggregate
+# MB/s: the encode work is bound by the (2-thread) pool anyway.
+UPLOAD_SLOTS = 2
 
 
 class DiskUploader:
@@ -25,8 +30,10 @@ class DiskUploader:
     that every segment ≤ S is stored), retrying failures with capped exponential backoff."""
 
     def __init__(self, disk_id: str, cache: DiskCache, repo: Repository, pool: ThreadPoolExecutor,
-                 metrics: ProcessServerMetrics, retry_max_seconds: float) -> None:
+                 metrics: ProcessServerMetrics, retry_max_seconds: float,
+                 slots: asyncio.Semaphore | None = None) -> None:
         self.disk_id = disk_id
+        self.slots = slots or asyncio.Semaphore(UPLOAD_SLOTS)  # shared by the server's uploaders
         self.cache = cache
         self.repo = repo
         self.pool = pool
@@ -53,9 +60,10 @@ class DiskUploader:
                 await self.wakeup.wait()
                 continue
             seq = pending[0]
-            self._busy = True
             try:
-                await self.upload_one(seq)
+                async with self.slots:
+                    self._busy = True  # waiting for a slot is not busy: a stop need not wait for it
+                    await self.upload_one(seq)
                 self.failing = None
                 delay = 0.5
             except asyncio.CancelledError:
