@@ -20,7 +20,7 @@ import sys
 import time
 import traceback
 
-from . import ceiling, replication
+from . import ceiling, replication, scale
 from . import failover_log_growth
 from .common import AGENT_POOL_BYTES, MB, MiB, Row, format_table, median, not_measured, read_through
 from .initial_replication import generate_image, parse_size, sha256
@@ -31,6 +31,9 @@ PS_RSS_GOAL_MIB = 256
 AGENT_RSS_GOAL_MIB = 128 + AGENT_POOL_BYTES / MiB
 FLAT_GROWTH = 1.25  # "flat": peak RSS grows by at most 25% when the disk size doubles
 DELTA_GOAL_S = 5.0
+AZURE_GOAL = 1.0
+CONCURRENT_AGENTS = 8
+DISK_COUNTS = (1, 4, 16)
 
 
 def log(msg: str) -> None:
@@ -159,6 +162,37 @@ def run(args, size: int, reps: int, work: str) -> list[Row]:
     finally:
         last.lab.close()
 
+    # Azurite: Lifeboat into a fresh Azurite against a plain upload of the raw image into another.
+    az_lb, az_plain = [], []
+    for i in range(reps):
+        read_through(image)
+        lb_s, plain_s = scale.azure_vs_plain(os.path.join(work, f"azure{i}"), image, args.timeout)
+        shutil.rmtree(os.path.join(work, f"azure{i}"), ignore_errors=True)
+        az_lb.append(size / lb_s / MB)
+        az_plain.append(size / plain_s / MB)
+        log(f"-- azure {i + 1}/{reps}: Lifeboat to Azurite {az_lb[-1]:.0f} MB/s, plain upload_blob {az_plain[-1]:.0f} MB/s")
+
+    # One process server, 8 agents at once (512 MiB each in a full run; smaller for --quick).
+    agents_size = 512 * MiB if size >= 1 << 30 else max(8 * MiB, size // 4)
+    agents_image = os.path.join(work, "agents.img")
+    generate_image(agents_image, agents_size, args.seed + 7)
+    read_through(agents_image)
+    many = scale.many_agents(os.path.join(work, "agents"), agents_image, CONCURRENT_AGENTS, args.timeout)
+    shutil.rmtree(os.path.join(work, "agents"), ignore_errors=True)
+    os.unlink(agents_image)
+    many_mbs = CONCURRENT_AGENTS * agents_size / many.seconds / MB
+    log(f"-- {CONCURRENT_AGENTS} agents x {fmt_size(agents_size)}: {many.seconds:.1f} s ({many_mbs:.0f} MB/s in all); "
+        f"peak RSS PS {many.ps_hwm_mib:.0f} MiB, largest agent {many.agent_hwm_mib:.0f} MiB")
+
+    # 1, 4 and 16 disks of one agent, the same bytes in all (half the image, cut into n disks).
+    scaling_image = os.path.join(work, "scaling.img")
+    with open(image, "rb") as src, open(scaling_image, "wb") as dst:
+        dst.write(src.read(half))
+    scaled = scale.disks_scaling(os.path.join(work, "scaling"), scaling_image, DISK_COUNTS, args.timeout)
+    os.unlink(scaling_image)
+    scaled_mbs = {n: half / s / MB for n, s in scaled.items()}
+    log("-- scaling: " + ", ".join(f"{n} disks {v:.0f} MB/s" for n, v in scaled_mbs.items()))
+
     rows: list[Row] = []
     lb, ref = median(lb_rep), median(ceil_rep)
     rows.append(ratio_row(f"initial replication, {fmt_size(size)}", lb, ref, "MB/s", RATIO_GOAL,
@@ -187,13 +221,16 @@ def run(args, size: int, reps: int, work: str) -> list[Row]:
     dm = median([d.seconds for d in deltas])
     rows.append(Row(f"delta: 1% 64 KiB churn → durable point, {fmt_size(size)}", f"{dm:.2f} s", "—", None,
                     f"≤ {DELTA_GOAL_S:.0f} s", dm <= DELTA_GOAL_S))
-    rows += [
-        not_measured("Azurite vs plain blob upload", "≥ 1.0", "needs a fresh Azurite per case; not in this suite yet"),
-        not_measured("RPO under churn p99 (tracepoint)", "≤ 10 s",
-                     "needs root, loop devices, tracefs: run bench/cycle.py"),
-        not_measured("PS peak RSS, 8 agents × 512 MiB", "≤ 256 MiB", "not in this suite yet"),
-        not_measured("scaling 1/4/16 disks", "—", "not in this suite yet"),
-    ]
+    rows.append(ratio_row(f"Azurite vs plain blob upload, {fmt_size(size)}", median(az_lb), median(az_plain), "MB/s",
+                          AZURE_GOAL, f"upload_blob, max_concurrency {scale.PLAIN_UPLOAD_CONCURRENCY}"))
+    rows.append(not_measured("RPO under churn p99 (tracepoint)", "≤ 10 s",
+                             "needs root, loop devices, tracefs: run bench/cycle.py"))
+    rows.append(Row(f"PS peak RSS, {CONCURRENT_AGENTS} agents × {fmt_size(agents_size)} at once",
+                    f"{many.ps_hwm_mib:.0f} MiB ({many_mbs:.0f} MB/s in all)", f"{PS_RSS_GOAL_MIB} MiB",
+                    many.ps_hwm_mib / PS_RSS_GOAL_MIB, f"≤ {PS_RSS_GOAL_MIB} MiB", many.ps_hwm_mib <= PS_RSS_GOAL_MIB))
+    rows.append(Row(f"scaling 1/4/16 disks, {fmt_size(half)} in all", " / ".join(f"{v:.0f}" for v in scaled_mbs.values())
+                    + " MB/s", f"{scaled_mbs[1]:.0f} MB/s (1 disk)", scaled_mbs[16] / scaled_mbs[1],
+                    "— (16 disks / 1 disk)", None))
     # Replay time with and without a checkpoint (bench/failover_log_growth.py; its own small disk).
     rows.append(failover_log_growth.row(os.path.join(work, "log-growth"), 8 * MiB if args.smoke else 64 * MiB,
                                         4 if args.smoke else 50, reps))

@@ -35,6 +35,26 @@ def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
     return nonce + sodium.crypto_aead_aegis256_encrypt(plaintext, aad, nonce, key)
 
 
+def seal_buffer(key: bytes, plaintext, aad: bytes) -> bytearray:
+    """seal() for any contiguous buffer (bytes, memoryview), written straight into its output.
+
+    nacl.bindings takes bytes only and returns a copy of a zero-filled cffi buffer, which
+    seal() then prepends the nonce to: three extra passes over every segment record.
+    """
+    from nacl._sodium import ffi, lib
+
+    plain = ffi.from_buffer(plaintext)
+    out = bytearray(NONCE_BYTES + len(plain) + TAG_BYTES)
+    out[:NONCE_BYTES] = os.urandom(NONCE_BYTES)
+    dst = ffi.from_buffer(out)
+    clen = ffi.new("unsigned long long *")
+    res = lib.crypto_aead_aegis256_encrypt(dst + NONCE_BYTES, clen, plain, len(plain), aad, len(aad), ffi.NULL,
+                                           dst, key)
+    if res != 0 or clen[0] != len(plain) + TAG_BYTES:
+        raise nacl.exceptions.CryptoError("encryption failed")
+    return out
+
+
 def sealed_size(plain_len: int) -> int:
     return NONCE_BYTES + plain_len + TAG_BYTES
 

@@ -56,18 +56,27 @@ class IndexEntry:
     plain_hash: int
 
 
-def encode_record(key: bytes, header_bytes: bytes, index: int, frame: Frame) -> tuple[tuple, bytes]:
-    """Compress and seal one frame (thread-safe; run in an executor). Returns (entry fields, record)."""
+def encode_record(key: bytes, header_bytes: bytes, index: int, frame: Frame,
+                  try_compress: bool = True) -> tuple[tuple, bytes | bytearray]:
+    """Compress and seal one frame (thread-safe; run in an executor). Returns (entry fields, record).
+
+    A frame the agent compressed (checked at ingest: it decompresses to the plaintext the agent
+    hashed) is sealed as it came. try_compress=False: the agent already found raw write frames
+    incompressible, so zstd is not run on them again."""
     if frame.kind == FRAME_ZERO:
         return (frame.kind, compression.COMPRESSION_NONE, 0, frame.offset, frame.length, 0), b""
+    aad = header_bytes + RECORD_AAD.pack(index)
+    if frame.compressed:
+        fields = (frame.kind, compression.COMPRESSION_ZSTD, frame.length, frame.offset, frame.length, frame.plain_hash)
+        return fields, crypto.seal_buffer(key, frame.payload, aad)
     plain = frame.payload
     comp = compression.COMPRESSION_NONE
     body = plain
-    if frame.kind == FRAME_WRITE:
+    if frame.kind == FRAME_WRITE and try_compress:
         packed = compression.compress(plain)
         if len(packed) < len(plain):  # incompressible (random, already compressed) data stays raw
             comp, body = compression.COMPRESSION_ZSTD, packed
-    record = crypto.seal(key, body, header_bytes + RECORD_AAD.pack(index))
+    record = crypto.seal_buffer(key, body, aad)
     fields = (frame.kind, comp, len(plain), frame.offset, frame.length, xxhash.xxh3_64_intdigest(plain))
     return fields, record
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import json
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
@@ -23,14 +25,21 @@ from .group import GroupCoordinator, GroupMember, GroupMetrics, Hold, coordinato
 from .kept_data import KeptDataSnapshot
 from .metrics import RESYNC_REASONS, TIER_REASONS, MobilityMetrics
 from .quiescer import run_script
-from .sender import BatchSender
+from .sender import BatchSender, SendWindow
 from .snapshot import FreezeCopySnapshot
 from .tracepoint import TracefsUnavailable, TracepointTracker, instance_name
 
 logger = log.get("lifeboat.mobility")
-# Batches read ahead of the sender per disk. Peak memory per disk is about (QUEUE_BATCHES + 2) ×
-# batch_bytes of payload plus the copy made by to_bytes(): measured ~7 × batch_bytes (bench/README.md).
-QUEUE_BATCHES = 2
+# Batches read ahead of the sender per disk. Peak memory per disk is about (QUEUE_BATCHES + 4) ×
+# batch_bytes of payload: being built, queued, being compressed, compressed and waiting, being
+# sent (the last two compressed, so smaller); the body is sent from its parts, never joined.
+QUEUE_BATCHES = 1
+# Each batch's write frames are zstd-compressed in this many slices on the default executor,
+# so both cores compress while the scan thread reads the next batch and the loop sends the last.
+COMPRESS_SLICES = 4
+# Batches per disk sent at once: the process server receives and fsyncs them side by side and
+# acknowledges them in order, so no round trip or fsync is waited for between two batches.
+SEND_WINDOW = 3
 TRACKER_HANDOVER_FILE = "tracepoint-handover.json"
 
 
@@ -56,6 +65,8 @@ class Agent:
         self.metrics = MobilityMetrics(registry)
         self.disks: list[DiskState] = []
         self.sender: BatchSender | None = None
+        # Compression and map updates of the send path (zstandard releases the GIL): one per core.
+        self._cpu_pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="agent-cpu")
         self.cycle = 0
         self.last_point: dict | None = None
         self.tracker: TracepointTracker | None = None
@@ -264,6 +275,7 @@ class Agent:
             await self.control.close()
         if self.sender:
             await self.sender.__aexit__(None, None, None)
+        self._cpu_pool.shutdown(wait=False, cancel_futures=True)
 
     async def run_cycle(self, group_hold: Hold | None = None) -> dict:
         """One cycle: [pre script] → freeze → [group HOLD/MARK] → snapshot + tracker epoch → thaw → [post
@@ -462,20 +474,63 @@ class Agent:
                 None, scan_disk, state.path, state.disk_id, state.dmap, state.dmap.seq + 1, rep.extent_max_bytes,
                 rep.batch_bytes, bookmark, put, abort.is_set, d.ranges, d.snapshot.readinto)
 
-        async def send_disk(state: DiskState):
+        async def compress_disk(state: DiskState, out: asyncio.Queue) -> None:
+            """Stage between the scan and the send: batch N compresses while batch N-1 is sent."""
             queue = queues[state.disk_id]
             while True:
                 pending = await queue.get()
-                await loop.run_in_executor(None, state.dmap.mark_unknown, pending.block_ranges)
-                body = pending.builder.to_bytes()
-                await self.sender.send(state.disk_id, pending.builder.seq, body)
-                self.metrics.sent_bytes.inc(len(body))
+                builder = pending.builder
+                step = -(-builder.frame_count // COMPRESS_SLICES) or 1
+                await asyncio.gather(*(loop.run_in_executor(self._cpu_pool, builder.compress_frames, a, a + step)
+                                       for a in range(0, builder.frame_count, step)))
+                await out.put(pending)
                 if pending.last:
-                    break
+                    return
+
+        async def send_disk(state: DiskState):
+            compressed: asyncio.Queue[PendingBatch] = asyncio.Queue(1)
+            compressor = asyncio.create_task(compress_disk(state, compressed))
+            try:
+                await send_compressed(state, compressed, compressor)
+            finally:
+                if not compressor.done():
+                    compressor.cancel()
+                await asyncio.gather(compressor, return_exceptions=True)
             result = await scans[state.disk_id]
             self.metrics.read_bytes.labels(state.disk_id).inc(result.read_bytes)
             self.metrics.changed_bytes.labels(state.disk_id).inc(result.changed_bytes)
             return state, result
+
+        async def send_compressed(state: DiskState, queue: asyncio.Queue, compressor: asyncio.Task) -> None:
+            window: SendWindow | None = None
+            inflight: collections.deque[asyncio.Task] = collections.deque()
+
+            async def send_one(seq: int, parts: list) -> None:
+                await self.sender.send(state.disk_id, seq, parts, window)
+                self.metrics.sent_bytes.inc(sum(len(p) for p in parts))
+
+            try:
+                while True:
+                    get = asyncio.ensure_future(queue.get())
+                    await asyncio.wait([get, compressor], return_when=asyncio.FIRST_COMPLETED)
+                    if not get.done() and compressor.exception() is not None:
+                        get.cancel()  # the compressor failed (e.g. the scan's read error): end the cycle with it
+                        raise compressor.exception()
+                    pending = await get
+                    if window is None:
+                        window = SendWindow(pending.builder.seq - 1)
+                    # Not the default executor: its threads may all be scans blocked on full queues (many disks).
+                    await loop.run_in_executor(self._cpu_pool, state.dmap.mark_unknown, pending.block_ranges)
+                    parts = pending.builder.parts()  # sent as they are: no joined copy of the batch
+                    inflight.append(asyncio.create_task(send_one(pending.builder.seq, parts)))
+                    while inflight and (len(inflight) >= SEND_WINDOW or pending.last):
+                        await inflight.popleft()  # acknowledged in order: the oldest finishes first
+                    if pending.last:
+                        return
+            finally:
+                for task in inflight:
+                    task.cancel()
+                await asyncio.gather(*inflight, return_exceptions=True)
 
         async def post_after_reads() -> None:
             # Writers resume as soon as every disk has been read; the last batches may still be in flight.

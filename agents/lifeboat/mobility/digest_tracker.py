@@ -69,7 +69,7 @@ def scan_disk(path: str, disk_id: str, dmap: DigestMap, first_seq: int, extent_m
     digests = bytearray(dmap.digests)
     zero_full, zero_tail = zero_block_digest(bs), None
     seq = first_seq
-    builder = BatchBuilder(disk_id, seq, size)
+    builder = BatchBuilder(disk_id, seq, size, compress=True)
     pending = PendingBatch(builder)
     buf = bytearray(extent_max)
     view = memoryview(buf)
@@ -125,7 +125,7 @@ def scan_disk(path: str, disk_id: str, dmap: DigestMap, first_seq: int, extent_m
                 if builder.payload_bytes >= batch_bytes:
                     put(pending)
                     seq += 1
-                    builder = BatchBuilder(disk_id, seq, size)
+                    builder = BatchBuilder(disk_id, seq, size, compress=True)
                     pending = PendingBatch(builder)
     finally:
         if fd >= 0:

@@ -6,6 +6,7 @@ import asyncio
 import random
 
 import aiohttp
+import aiohttp.payload
 
 from ..core import logging as log
 from ..core import tls
@@ -27,6 +28,53 @@ class ResyncRequired(LifeboatError):
 
 class _ServerError(Exception):
     """A 5xx other than 503: the server failed this attempt (e.g. its cache disk); retried with backoff."""
+
+
+# Small parts (frame headers, checksums) are joined up to this size before a write; payloads
+# (1 MiB frames) go to the transport as they are. One 16 MiB write made aiohttp join the headers
+# and the whole body into a copy (Python < 3.12.9 skips writelines) and TLS-encrypt it in one go.
+COALESCE_BYTES = 64 * 1024
+
+
+class BatchPayload(aiohttp.payload.Payload):
+    """A batch body sent from its builder's parts: no joined copy of the batch, one write per frame."""
+
+    def __init__(self, parts: list) -> None:
+        super().__init__(parts, content_type=MEDIA_TYPE)
+        self._size = sum(len(p) for p in parts)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        raise TypeError("a batch body is binary")
+
+    async def write(self, writer) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer, content_length: int | None) -> None:
+        small: list = []
+        small_bytes = 0
+        for part in self._value:
+            if len(part) < COALESCE_BYTES:
+                small.append(part)
+                small_bytes += len(part)
+                if small_bytes < COALESCE_BYTES:
+                    continue
+            if small:
+                await writer.write(b"".join(small))
+                small, small_bytes = [], 0
+            if len(part) >= COALESCE_BYTES:
+                await writer.write(part)
+        if small:
+            await writer.write(b"".join(small))
+
+
+class SendWindow:
+    """One disk's batches in flight. The process server acknowledges them in seq order, so
+    `acked` is the highest seq it has acknowledged to us: an out_of_order reply expecting a seq
+    above it names a batch we are still sending (transient), one at or below it means the
+    server lost batches it had acknowledged (resync)."""
+
+    def __init__(self, acked: int) -> None:
+        self.acked = acked
 
 
 class BatchSender:
@@ -96,23 +144,36 @@ class BatchSender:
 
         return await self._retrying(f"query {disk_id}", attempt)
 
-    async def send(self, disk_id: str, seq: int, body: bytes) -> dict:
-        """Send until stored or duplicate; 503 honours Retry-After; other 4xx are permanent."""
+    async def send(self, disk_id: str, seq: int, body: bytes | list, window: SendWindow | None = None) -> dict:
+        """Send until stored or duplicate; 503 honours Retry-After; other 4xx are permanent.
+
+        `body` is the batch as bytes or as a builder's parts (sent without joining them).
+        `window`: other batches of this disk are in flight (see SendWindow)."""
         url = f"{self.url}{API_PREFIX}/disks/{disk_id}/batches/{seq}"
+        parts = [body] if isinstance(body, (bytes, bytearray, memoryview)) else list(body)
+        body_len = sum(len(p) for p in parts)
 
         async def attempt():
             assert self.session
             while True:
-                async with self.session.put(url, data=body, headers={"Content-Type": MEDIA_TYPE}) as resp:
+                # A fresh payload per attempt: a resend writes the same parts again.
+                async with self.session.put(url, data=BatchPayload(parts)) as resp:
                     reply = await self._json(resp)
                     if resp.status == 200:
-                        self.sent_bytes += len(body)
+                        self.sent_bytes += body_len
+                        if window is not None:
+                            window.acked = max(window.acked, seq)
                         return reply
                     if resp.status == 503:
                         await self._throttled(resp, reply, disk_id, seq)
                         continue
                     if resp.status == 409 and reply.get("error") == "busy":
                         await asyncio.sleep(0.5)  # an earlier attempt of ours is still being received
+                        continue
+                    expected = reply.get("expected_seq")
+                    if (resp.status == 409 and reply.get("error") == "out_of_order" and window is not None
+                            and isinstance(expected, int) and window.acked < expected < seq):
+                        await asyncio.sleep(0.05)  # an earlier batch of ours is still in flight or being resent
                         continue
                     if resp.status == 409 and reply.get("error") == "out_of_order":
                         raise ResyncRequired(disk_id, f"process server expects sequence {reply.get('expected_seq')}, "

@@ -122,8 +122,17 @@ class DiskCache:
 
     def commit(self, disk_id: str, seq: int, fd: int, size: int) -> None:
         """fsync, publish and count a fully received batch (called in a worker thread)."""
+        self.sync_partial(fd)
+        self.publish_partial(disk_id, seq)
+
+    def sync_partial(self, fd: int) -> None:
+        """fsync and close a fully received body; batches of one disk may sync in any order."""
         os.fsync(fd)
         os.close(fd)
+
+    def publish_partial(self, disk_id: str, seq: int) -> None:
+        """Rename a synced body to its batch name. In seq order only: recovery takes the highest
+        batch file as acknowledged, so seq must not appear before seq - 1 is durable."""
         os.rename(self.batch_path(disk_id, seq, True), self.batch_path(disk_id, seq))
         fsync_dir(os.path.join(self.root, disk_id))
 

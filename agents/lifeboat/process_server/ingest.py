@@ -28,6 +28,13 @@ CREDENTIAL_PREFIX = "lbt_"   # per-machine credentials of the configuration serv
 # Digests of the last acknowledged batches per disk: a resend of one of them is compared with what was
 # stored, so a replayed seq with other content is refused (409 replay_mismatch), not silently "duplicate".
 REPLAY_WINDOW_BATCHES = 64
+# Batches of one disk received at once: seq may be up to acknowledged + RECEIVE_WINDOW. They are
+# received and fsynced side by side but published and acknowledged strictly in seq order, so an
+# agent keeps a window in flight instead of waiting a round trip and an fsync per batch.
+RECEIVE_WINDOW = 8
+# How long a batch waits for its predecessors' requests to arrive (they travel on other
+# connections and may be a little late) before it is refused as out of order.
+PREDECESSOR_WAIT_SECONDS = 2.0
 
 
 class _Reject(Exception):
@@ -59,7 +66,8 @@ class IngestService:
         self.pool = pool
         self.on_stored = on_stored          # callback(disk_id, seq) -> None
         self.on_new_disk = on_new_disk      # async callback(disk_id) -> None, adopts a disk's repo state
-        self._receiving: set[str] = set()
+        self._receiving: dict[str, set[int]] = {}     # disk -> seqs whose bodies are being received
+        self._changes: dict[str, asyncio.Event] = {}  # disk -> set when its receiving/acked state changes
         self._acked_digests: dict[str, OrderedDict[int, bytes]] = {}
         self.body_idle_timeout_seconds = 30.0   # set from ingest.body_idle_timeout_seconds
         self.body_min_bytes_per_second = 65536  # set from ingest.body_min_bytes_per_second
@@ -151,10 +159,18 @@ class IngestService:
                                   "other content; a resend must be byte-identical", expected_seq=acked + 1)
                 self.metrics.batches.labels("duplicate").inc()
                 return web.json_response({"status": "duplicate", "seq": seq, "acked_seq": acked})
-            if seq != acked + 1:
+            if seq > acked + RECEIVE_WINDOW:
+                raise _Reject(409, "out_of_order", f"expected sequence {acked + 1} (at most {RECEIVE_WINDOW} "
+                              f"batches in flight), got {seq}", expected_seq=acked + 1)
+            receiving = self._receiving.setdefault(disk, set())
+            if seq in receiving:
+                raise _Reject(409, "busy", f"batch {seq} of disk {disk} is being received", expected_seq=acked + 1)
+            if not await self._predecessors_arrive(disk, seq):
+                acked = self.cache.acked_seq(disk)
                 raise _Reject(409, "out_of_order", f"expected sequence {acked + 1}, got {seq}", expected_seq=acked + 1)
-            if disk in self._receiving:
-                raise _Reject(409, "busy", f"another batch for disk {disk} is being received", expected_seq=acked + 1)
+            if seq <= self.cache.acked_seq(disk) or seq in receiving:  # another attempt came first
+                raise _Reject(409, "busy", f"batch {seq} of disk {disk} is being received",
+                              expected_seq=self.cache.acked_seq(disk) + 1)
             if not self.cache.can_accept(length):
                 raise _Reject(503, "cache_full",
                               f"cache above its high-water mark ({self.cache.free_ratio:.0%} free); retry later",
@@ -194,11 +210,53 @@ class IngestService:
             h.update(chunk)
         return h.digest() if received == length else b""
 
+    def _changed(self, disk: str) -> None:
+        event = self._changes.pop(disk, None)
+        if event is not None:
+            event.set()
+
+    async def _wait_change(self, disk: str, timeout: float | None) -> None:
+        event = self._changes.setdefault(disk, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _predecessors_arrive(self, disk: str, seq: int) -> bool:
+        """True once every batch between the acknowledged one and seq is acknowledged or being received."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + PREDECESSOR_WAIT_SECONDS
+        while True:
+            receiving = self._receiving.setdefault(disk, set())
+            if all(s in receiving for s in range(self.cache.acked_seq(disk) + 1, seq)):
+                return True
+            if loop.time() >= deadline:
+                return False
+            await self._wait_change(disk, deadline - loop.time())
+
+    async def _turn(self, disk: str, seq: int) -> bool:
+        """Wait until seq - 1 is acknowledged (True) or has failed without being stored (False)."""
+        while True:
+            if self.cache.acked_seq(disk) >= seq - 1:
+                return True
+            if seq - 1 not in self._receiving.get(disk, ()):
+                return False
+            await self._wait_change(disk, None)
+
+    def _remember_digest(self, disk: str, seq: int, digest: bytes) -> None:
+        # Recorded before seq leaves the receiving set, so a resend that sees it acknowledged is checked.
+        recent = self._acked_digests.setdefault(disk, OrderedDict())
+        recent[seq] = digest
+        while len(recent) > REPLAY_WINDOW_BATCHES:
+            recent.popitem(last=False)
+
     async def _receive(self, request: web.Request, disk: str, seq: int, length: int) -> web.Response:
-        self._receiving.add(disk)
+        self._receiving.setdefault(disk, set()).add(seq)
+        self._changed(disk)
         self.cache.reserved_bytes += length
         loop = asyncio.get_running_loop()
-        parser = BatchParser(expected_disk_id=disk, expected_seq=seq)
+        # Verify only: payloads are hashed as they stream through, never copied (the uploader re-reads them).
+        parser = BatchParser(expected_disk_id=disk, expected_seq=seq, keep_payloads=False)
         fd = None
         received = 0
         digest = xxhash.xxh3_128()
@@ -226,8 +284,15 @@ class IngestService:
             if received < length:
                 raise _Reject(400, "truncated", f"body ended after {received} of {length} bytes")
             header = parser.finish()
-            await loop.run_in_executor(self.pool, self.cache.commit, disk, seq, fd, received)
+            await loop.run_in_executor(self.pool, self.cache.sync_partial, fd)
             fd = None
+            if not await self._turn(disk, seq):
+                raise _Reject(409, "out_of_order", f"batch {seq - 1} of disk {disk} was not stored; resend from it",
+                              expected_seq=self.cache.acked_seq(disk) + 1)
+            await asyncio.shield(loop.run_in_executor(self.pool, self.cache.publish_partial, disk, seq))
+            # Counted before this seq leaves the receiving set: a successor must never see neither.
+            self.cache.published(disk, seq, received)
+            self._remember_digest(disk, seq, digest.digest())
         except FrameError as exc:
             await loop.run_in_executor(self.pool, self.cache.discard_partial, disk, seq, fd)
             reason = "truncated" if "truncated" in str(exc) else "malformed"
@@ -241,12 +306,8 @@ class IngestService:
             raise
         finally:
             self.cache.reserved_bytes -= length
-            self._receiving.discard(disk)
-        recent = self._acked_digests.setdefault(disk, OrderedDict())
-        recent[seq] = digest.digest()
-        while len(recent) > REPLAY_WINDOW_BATCHES:
-            recent.popitem(last=False)
-        self.cache.published(disk, seq, received)
+            self._receiving[disk].discard(seq)
+            self._changed(disk)
         self.metrics.received_bytes.inc(received)
         self.metrics.batches.labels("stored").inc()
         self.on_stored(disk, seq)

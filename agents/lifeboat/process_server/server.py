@@ -20,7 +20,7 @@ from .cache import DiskCache
 from .forwarder import DiskForwarder, MasterTargetLink
 from .ingest import IngestService
 from .metrics import ProcessServerMetrics
-from .uploader import DiskUploader
+from .uploader import UPLOAD_SLOTS, DiskUploader
 
 logger = log.get("lifeboat.process_server")
 
@@ -54,6 +54,7 @@ class ProcessServer:
         self._stalls: dict[str, StallDetector] = {}
         self.control = None   # ControlRole when [control] enabled = true (the primary)
         self.primary = None   # PrimaryLink when [control] primary_url is set (a scale-out)
+        self._upload_slots: asyncio.Semaphore | None = None
 
     def _token(self) -> str:
         if not self.config.ingest.accept_shared_token:
@@ -143,8 +144,10 @@ class ProcessServer:
             up.start()
         if up is None:
             assert self.repo is not None
+            if self._upload_slots is None:  # created on the loop that runs the uploaders
+                self._upload_slots = asyncio.Semaphore(UPLOAD_SLOTS)
             up = self.uploaders[disk] = DiskUploader(disk, self.cache, self.repo, self.pool, self.metrics,
-                                                     self.config.upload.retry_max_seconds)
+                                                     self.config.upload.retry_max_seconds, self._upload_slots)
             up.start()
         return up
 

@@ -10,7 +10,7 @@ from ..core import logging as log
 from ..core.catalog import PointEntry
 from ..core.errors import FormatError, LifeboatError
 from ..core.segment import SegmentHeader, assemble_segment, encode_record
-from ..core.wire import FRAME_BOOKMARK, parse_batch
+from ..core.wire import BATCH_FLAG_AGENT_COMPRESSED, FRAME_BOOKMARK, FRAME_WRITE, parse_batch
 from ..repository.repo import Repository
 from .cache import DiskCache
 from .metrics import ProcessServerMetrics
@@ -18,6 +18,11 @@ from .metrics import ProcessServerMetrics
 logger = log.get("lifeboat.process_server.uploader")
 # Frames per executor task: enough work per hop to amortise the thread switch.
 FRAMES_PER_TASK = 4
+# Segments being built and uploaded at once across all disks. Each holds its cached batch and its
+# sealed records (about 2 × batch_bytes). Process server peak RSS with 8 agents × 512 MiB at once
+# (bench/scale.py): unbounded 275 MiB, 4 slots 239 MiB, 2 slots 145 MiB at the same aggregate
+# MB/s: the encode work is bound by the (2-thread) pool anyway.
+UPLOAD_SLOTS = 2
 
 
 class DiskUploader:
@@ -25,8 +30,10 @@ class DiskUploader:
     that every segment ≤ S is stored), retrying failures with capped exponential backoff."""
 
     def __init__(self, disk_id: str, cache: DiskCache, repo: Repository, pool: ThreadPoolExecutor,
-                 metrics: ProcessServerMetrics, retry_max_seconds: float) -> None:
+                 metrics: ProcessServerMetrics, retry_max_seconds: float,
+                 slots: asyncio.Semaphore | None = None) -> None:
         self.disk_id = disk_id
+        self.slots = slots or asyncio.Semaphore(UPLOAD_SLOTS)  # shared by the server's uploaders
         self.cache = cache
         self.repo = repo
         self.pool = pool
@@ -53,9 +60,10 @@ class DiskUploader:
                 await self.wakeup.wait()
                 continue
             seq = pending[0]
-            self._busy = True
             try:
-                await self.upload_one(seq)
+                async with self.slots:
+                    self._busy = True  # waiting for a slot is not busy: a stop need not wait for it
+                    await self.upload_one(seq)
                 self.failing = None
                 delay = 0.5
             except asyncio.CancelledError:
@@ -77,7 +85,8 @@ class DiskUploader:
         data = await loop.run_in_executor(self.pool, self.cache.read_batch, self.disk_id, seq)
         try:
             header, frames = await loop.run_in_executor(
-                self.pool, lambda: parse_batch(data, expected_disk_id=self.disk_id, expected_seq=seq))
+                self.pool, lambda: parse_batch(data, expected_disk_id=self.disk_id, expected_seq=seq,
+                                               check_compressed=False))  # the ingest decompressed them
         except FormatError as exc:
             # The batch was verified before it was acknowledged: the cache disk corrupted it.
             raise LifeboatError(f"cached batch {self.disk_id}/{seq} is damaged on the cache disk: {exc}; "
@@ -87,15 +96,18 @@ class DiskUploader:
         header_bytes = seg_header.encode()
         key = self.repo.segment_key
 
+        # A compressing agent (batch version 2) left raw only what zstd could not shrink.
+        try_compress = not header.flags & BATCH_FLAG_AGENT_COMPRESSED
+
         def encode_slice(start: int) -> list:
-            return [encode_record(key, header_bytes, i, frames[i])
+            return [encode_record(key, header_bytes, i, frames[i], try_compress)
                     for i in range(start, min(start + FRAMES_PER_TASK, len(frames)))]
 
         futures = [loop.run_in_executor(self.pool, encode_slice, s) for s in range(0, len(frames), FRAMES_PER_TASK)]
         encoded = [rec for chunk in await asyncio.gather(*futures) for rec in chunk]
         parts = assemble_segment(key, seg_header, encoded)
         stored = sum(len(p) for p in parts)
-        source = sum(len(f.payload) for f in frames)
+        source = sum(f.length for f in frames if f.kind == FRAME_WRITE)  # plaintext, however it came
         await self.repo.put_segment(self.disk_id, seq, parts)
         # Publish order: segment first, then its catalog entries, then forget the cached batch.
         points = []

@@ -9,7 +9,7 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lifeboat.core import wire
+from lifeboat.core import compression, wire
 from lifeboat.core.errors import FormatError, FrameError
 from lifeboat.core.wire import (
     BATCH_HEADER,
@@ -194,7 +194,7 @@ def test_bad_magic_detected_from_the_fixed_header_alone():
 
 
 def test_unsupported_version():
-    err = reject(raw_header(version=BATCH_VERSION + 1), "version 2 is not supported")
+    err = reject(raw_header(version=BATCH_VERSION + 1), f"version {BATCH_VERSION + 1} is not supported")
     assert "header" in str(err)
 
 
@@ -490,3 +490,103 @@ def test_fuzz_mutated_valid_batch(edits):
                 del data[pos]
     run_parser([bytes(data)], expected_disk_id=DISK)
 
+
+
+# -- verify-only parsing (the process server's ingest) ---------------------------------------------
+
+def test_verify_only_parser_checks_every_payload_byte_without_keeping_it():
+    body = sample_batch()
+    frames = []
+    parser = BatchParser(keep_payloads=False)
+    for i in range(0, len(body), 100):  # payloads span chunks: hashed piece by piece
+        frames += parser.feed(body[i:i + 100])
+    parser.finish()
+    assert [(f.kind, len(f.payload)) for f in frames][:3] == [(FRAME_WRITE, 0), (FRAME_ZERO, 0), (FRAME_WRITE, 0)]
+    assert frames[3].bookmark()["point_id"] == "p-0001"  # bookmarks are kept: they are validated JSON
+    for which, (_, payload_start, end) in enumerate(frame_spans(body)):
+        for pos in (payload_start, (payload_start + end) // 2, end - 1):
+            damaged = bytearray(body)
+            damaged[pos] ^= 0x80
+            with pytest.raises(FrameError, match="checksum mismatch") as info:
+                BatchParser(keep_payloads=False).feed(bytes(damaged))
+            assert info.value.args[0] == which
+
+
+def test_parsed_payloads_do_not_change_when_the_caller_reuses_its_buffer():
+    body = bytearray(sample_batch())
+    parser = BatchParser()
+    frames = parser.feed(body)
+    body[:] = bytes(len(body))  # the caller overwrites its buffer: the parser copied it
+    parser.finish()
+    assert bytes(frames[0].payload) == bytes(range(256)) * 4
+
+
+# -- version 2: agent-compressed write frames -----------------------------------------------------
+
+TEXT = b"the quick brown fox jumps over the lazy dog " * 200  # compresses well
+NOISE = bytes(xxhash.xxh3_128_digest(i.to_bytes(4, "little")) [j] for i in range(512) for j in range(16))[:8192]
+
+
+def compressed_batch() -> bytes:
+    b = BatchBuilder(DISK, 7, 1 << 20, compress=True)
+    b.write(0, TEXT[:8192])
+    b.write(8192, NOISE)
+    b.zero(16384, 4096)
+    b.bookmark(point())
+    b.compress_frames(0, 1)
+    b.compress_frames(1, 3)  # in slices, as the agent's threads do
+    b.compress_frames(3, 99)  # the last slice may reach past the end
+    return b.to_bytes()
+
+
+def test_compressed_batch_is_version_2_and_round_trips():
+    data = compressed_batch()
+    assert BATCH_HEADER.unpack_from(data)[1:3] == (2, wire.BATCH_FLAG_AGENT_COMPRESSED)
+    assert len(data) < 8192 + 8192 + 1024  # the text frame went compressed
+    header, frames = parse_batch(data, expected_disk_id=DISK, expected_seq=7)
+    assert header.flags == wire.BATCH_FLAG_AGENT_COMPRESSED
+    text, noise = frames[0], frames[1]
+    assert text.compressed and (text.offset, text.length) == (0, 8192) and len(text.payload) < 1024
+    assert text.plain_hash == xxhash.xxh3_64_intdigest(TEXT[:8192])
+    assert compression.decompress(bytes(text.payload), 8192) == TEXT[:8192]
+    assert not noise.compressed and bytes(noise.payload) == NOISE  # incompressible: sent raw
+    frames_v = []
+    parser = BatchParser(keep_payloads=False)
+    for i in range(0, len(data), 7):
+        frames_v += parser.feed(data[i:i + 7])
+    parser.finish()
+    assert [f.compressed for f in frames_v] == [True, False, False, False]
+
+
+def test_uncompressed_builder_still_writes_version_1():
+    assert BATCH_HEADER.unpack_from(sample_batch())[1:3] == (1, 0)
+
+
+def _compressed_frame(index: int, plain: bytes, packed: bytes, plain_hash: int | None = None) -> bytes:
+    hash_bytes = wire.ZSTD_PLAIN_HASH.pack(xxhash.xxh3_64_intdigest(plain) if plain_hash is None else plain_hash)
+    header = FRAME_HEADER.pack(FRAME_WRITE, wire.FRAME_FLAG_ZSTD, 0, len(hash_bytes) + len(packed), 0, len(plain))
+    return header + hash_bytes + packed + FRAME_CHECKSUM.pack(wire.frame_checksum(header, hash_bytes + packed, index))
+
+
+def test_compressed_frame_that_does_not_match_its_hash_is_refused_before_it_is_acknowledged():
+    plain = TEXT[:4096]
+    bad_hash = _compressed_frame(0, plain, compression.compress(plain), plain_hash=12345)
+    reject(raw_header(disk_size=DISK_SIZE * 16) + bad_hash, "does not match its plaintext hash", keep_payloads=False)
+    garbage = _compressed_frame(0, plain, b"\x28\xb5\x2f\xfd" + b"junk" * 20)
+    reject(raw_header(disk_size=DISK_SIZE * 16) + garbage, "does not decompress", keep_payloads=False)
+    other_length = _compressed_frame(0, plain, compression.compress(plain[:2048]))
+    reject(raw_header(disk_size=DISK_SIZE * 16) + other_length, "does not decompress", keep_payloads=False)
+
+
+def test_frame_flags_only_on_version_2_write_frames():
+    zero = FRAME_HEADER.pack(FRAME_ZERO, wire.FRAME_FLAG_ZSTD, 0, 0, 0, 512)
+    frame = zero + FRAME_CHECKSUM.pack(wire.frame_checksum(zero, b"", 0))
+    reject(raw_header() + frame, "not valid on a zero frame")
+    assert parse_batch(raw_header(version=1) + frame)[1][0].kind == FRAME_ZERO  # version 1 ignored flags
+    reject(raw_header(disk_size=DISK_SIZE * 16) + _compressed_frame(0, b"x" * 512, b""), "too short")
+
+
+def test_compressed_frame_plaintext_is_bounded_like_a_payload():
+    plain = bytes(8192)
+    frame = _compressed_frame(0, plain, compression.compress(plain))
+    reject(raw_header(disk_size=DISK_SIZE * 16) + frame, "8192 plain bytes exceeds the limit of 4096", max_payload=4096)
