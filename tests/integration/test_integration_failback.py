@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -349,3 +350,24 @@ def test_master_target_tells_systemd_ready_watchdog_and_stopping(lab, mt, tmp_pa
         assert mt.proc.wait(30) == 0
     finally:
         sock.close()
+
+
+def test_compressed_batch_reaches_the_master_targets_disk_bit_exact(lab, mt, tmp_path):
+    # What a current agent sends (batch version 2, zstd frames) after the forwarder or a reprotect.
+    from lifeboat.core.wire import parse_batch
+    onprem = make_image(tmp_path / "onprem.img", 4, seed=41)
+    mt.add_disk(DISK, onprem)
+    mt.start()
+    expected = bytearray(onprem.read_bytes())
+    b = BatchBuilder(DISK, 1, len(expected), compress=True)
+    for offset, data in ((0, (b"failback text " * 4700)[:BLOCK]), (3 * BLOCK, bytes(BLOCK // 2) + b"\7" * (BLOCK // 2)),
+                         (5 * BLOCK, os.urandom(BLOCK))):
+        b.write(offset, data)
+        expected[offset: offset + len(data)] = data
+    b.compress_frames()
+    body = b.to_bytes()
+    assert [f.compressed for f in parse_batch(body)[1]] == [True, True, False]
+    status, reply = Client(mt).put(DISK, 1, body)
+    assert (status, reply["status"]) == (200, "stored")
+    mt.wait_applied(DISK, 1)
+    assert sha256_file(onprem) == hashlib.sha256(expected).hexdigest()

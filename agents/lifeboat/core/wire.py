@@ -123,6 +123,19 @@ def encode_frame(index: int, kind: int, offset: int, length: int, payload: bytes
     return [header, payload, FRAME_CHECKSUM.pack(frame_checksum(header, payload, index))]
 
 
+def frame_plaintext(frame: Frame, index: int) -> bytes | memoryview:
+    """A write frame's bytes as they go on the disk: a compressed frame is decompressed and checked."""
+    if not frame.compressed:
+        return frame.payload
+    try:
+        plain = compression.decompress(frame.payload, frame.length)
+    except Exception as exc:  # zstd's own error types; a wrong length is a ValueError
+        raise FrameError(index, f"compressed write frame does not decompress: {exc}") from None
+    if xxhash.xxh3_64_intdigest(plain) != frame.plain_hash:
+        raise FrameError(index, "compressed write frame does not match its plaintext hash")
+    return plain
+
+
 class BatchBuilder:
     """Collects frames for one batch; `parts()` gives the body as a list of buffers.
 

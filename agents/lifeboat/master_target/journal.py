@@ -21,7 +21,7 @@ from typing import Iterator
 import xxhash
 
 from ..core.errors import FormatError, LifeboatError
-from ..core.wire import FRAME_BOOKMARK, FRAME_WRITE, FRAME_ZERO, BatchParser, Frame
+from ..core.wire import FRAME_BOOKMARK, FRAME_WRITE, FRAME_ZERO, BatchParser, Frame, frame_plaintext
 from ..process_server.cache import fsync_dir, write_json_atomic
 from .registry import TargetDisk
 from .undo import UNDO_SUFFIX, UndoWriter, check_undo, undo_records_reversed
@@ -239,7 +239,8 @@ class Journal:
         with open(self.entry_path(target.disk_id, seq), "rb") as entry:
             head = entry.read(JOURNAL_HEADER.size + JOURNAL_HEADER_CHECKSUM.size)
             remaining = read_entry_header(target.disk_id, head, seq)
-            parser = BatchParser(expected_disk_id=target.disk_id, expected_seq=seq)
+            # Compressed frames (batch version 2) are decompressed and checked once, when applied.
+            parser = BatchParser(expected_disk_id=target.disk_id, expected_seq=seq, check_compressed=False)
             index = 0
             while remaining:
                 chunk = entry.read(min(APPLY_READ_BYTES, remaining))
@@ -295,9 +296,13 @@ class Journal:
             fresh = [(i, f) for i, f in group if i > undo.last_index and f.kind in (FRAME_WRITE, FRAME_ZERO)]
             if fresh:
                 undo.record(fresh, fd)
-            for _index, frame in group:
+            for index, frame in group:
                 if frame.kind == FRAME_WRITE:
-                    _pwrite_all(fd, frame.payload, frame.offset)
+                    try:
+                        data = frame_plaintext(frame, index)
+                    except FormatError as exc:
+                        raise JournalError(target.disk_id, f"entry {seq} is damaged on the journal disk: {exc}") from None
+                    _pwrite_all(fd, data, frame.offset)
                     written += frame.length
                 elif frame.kind == FRAME_ZERO:
                     _zero(fd, frame.offset, frame.length)

@@ -220,6 +220,9 @@ async def reprotect(source: str, disk_id: str, master_target: Endpoint, via: End
             try:
                 while True:
                     pending = await queue.get()
+                    # The scan builds version 2 batches (flag: the agent compressed): make that true, as the
+                    # agent does, so the master target (or the temporary process server) carries zstd bytes.
+                    await loop.run_in_executor(None, pending.builder.compress_frames)
                     await dest.send(disk_id, pending.builder.seq, pending.builder.to_bytes())
                     last_seq = pending.builder.seq
                     if pending.last:

@@ -8,8 +8,11 @@ import os
 import time
 
 import pytest
+import xxhash
+import zstandard
 
-from lifeboat.core.wire import BatchBuilder
+from lifeboat.core.wire import (BATCH_FLAG_AGENT_COMPRESSED, FRAME_CHECKSUM, FRAME_FLAG_ZSTD, FRAME_HEADER, FRAME_WRITE,
+                                 ZSTD_PLAIN_HASH, BatchBuilder, BatchHeader, frame_checksum, parse_batch)
 from lifeboat.master_target.journal import (JOURNAL_HEADER, Journal, JournalError, entry_header,
                                             read_entry_header)
 from lifeboat.master_target.registry import Registry, RegistryError
@@ -330,3 +333,41 @@ def test_fuzz_undo_files_are_read_as_records_or_refused(tmp_path, garbage, cut):
     except UndoError:
         return
     assert damaged == data and n == 2  # anything else, even a cut at a record boundary, is refused
+
+
+def compressed_batch(seq: int, frames: list[tuple[int, bytes]]) -> bytes:
+    """A version 2 batch as an agent sends it (write frames zstd-compressed where that is smaller)."""
+    b = BatchBuilder(DISK, seq, SIZE, compress=True)
+    for offset, data in frames:
+        b.write(offset, data)
+    b.compress_frames()
+    return b.to_bytes()
+
+
+def test_compressed_entry_is_decompressed_onto_the_target(setup):
+    j, disk, target, _ = setup
+    original = target.read_bytes()
+    # Compressible (text-like) and incompressible (random) extents: the first two go as zstd frames.
+    frames = [(0, (b"lifeboat block " * 4370)[:65536]), (131072, bytes(8192) + b"\1" * 4096), (262144, os.urandom(4096))]
+    body = compressed_batch(1, frames)
+    _header, parsed = parse_batch(body)
+    assert [f.compressed for f in parsed] == [True, True, False]
+    assert len(body) < sum(len(d) for _o, d in frames)
+    journal_batch(j, 1, body)
+    assert j.apply_next(disk).seq == 1
+    assert sha(target) == hashlib.sha256(expected_after(original, frames)).hexdigest()
+
+
+def test_damaged_compressed_entry_is_refused_and_the_target_keeps_what_it_had(setup):
+    j, disk, target, _ = setup
+    before = sha(target)
+    # A zstd frame that decompresses to other bytes than its plaintext hash says, with a valid frame
+    # checksum (as a buggy sender would write it): only the plaintext hash can catch it.
+    payload = ZSTD_PLAIN_HASH.pack(xxhash.xxh3_64_intdigest(b"a" * 65536)) + zstandard.ZstdCompressor().compress(b"b" * 65536)
+    frame_head = FRAME_HEADER.pack(FRAME_WRITE, FRAME_FLAG_ZSTD, 0, len(payload), 0, 65536)
+    body = b"".join([BatchHeader(DISK, 1, SIZE, 1, version=2, flags=BATCH_FLAG_AGENT_COMPRESSED).encode(), frame_head,
+                     payload, FRAME_CHECKSUM.pack(frame_checksum(frame_head, payload, 0))])
+    journal_batch(j, 1, body)
+    with pytest.raises(JournalError, match="plaintext hash"):
+        j.apply_next(disk)
+    assert sha(target) == before
