@@ -44,6 +44,8 @@ MAX_DISK_ID_BYTES = 64
 MAX_FRAME_PAYLOAD_BYTES = 4 * 1024 * 1024
 MAX_BOOKMARK_BYTES = 64 * 1024
 MAX_FRAMES_PER_BATCH = 65536
+# A kept payload piece shorter than this is copied (coalesced) rather than kept as a view.
+KEEP_VIEW_MIN_BYTES = 4096
 
 DISK_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 POINT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -274,7 +276,7 @@ class BatchParser:
                 piece = view[pos: pos + take]
                 self._hash.update(piece)
                 if self.keep_payloads or self._frame[0] == FRAME_BOOKMARK or (self._frame[3] and self.check_compressed):
-                    self._pieces.append(piece)
+                    self._keep(piece)
                 self._need -= take
                 pos += take
                 if self._need:
@@ -283,6 +285,16 @@ class BatchParser:
             if len(self._buf) < FRAME_CHECKSUM.size:
                 return frames
             frames.append(self._end_frame())
+
+    def _keep(self, piece: memoryview) -> None:
+        # A large piece is kept as a view (no copy); small ones are copied together, because one view
+        # object per byte of a slowly dripped body would cost ~200 times the payload in memory.
+        if len(piece) >= KEEP_VIEW_MIN_BYTES:
+            self._pieces.append(piece)
+        elif self._pieces and isinstance(self._pieces[-1], bytearray):
+            self._pieces[-1] += piece
+        else:
+            self._pieces.append(bytearray(piece))
 
     def _parse_header(self, view: memoryview, pos: int) -> int:
         fixed = BATCH_HEADER.size
@@ -369,7 +381,7 @@ class BatchParser:
         if checksum != self._hash.intdigest():
             raise FrameError(idx, "checksum mismatch (data corrupted in transit or on disk)")
         pieces = self._pieces
-        payload = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        payload = pieces[0] if len(pieces) == 1 and isinstance(pieces[0], memoryview) else b"".join(pieces)
         if kind == FRAME_BOOKMARK:
             payload = bytes(payload)
             try:

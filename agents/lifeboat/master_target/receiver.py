@@ -246,7 +246,8 @@ class Receiver:
         disk = target.disk_id
         self._receiving.add(disk)
         loop = asyncio.get_running_loop()
-        parser = BatchParser(expected_disk_id=disk, expected_seq=seq)
+        # Verify only (compressed frames included): the journal re-reads the entry to apply it.
+        parser = BatchParser(expected_disk_id=disk, expected_seq=seq, keep_payloads=False)
         fd = None
         received = 0
         try:
