@@ -197,6 +197,9 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(lab, mt, tmp_path):
     small.write_bytes(os.urandom(1 << 20))
     proc = mt.reprotect(small, DISK, check=False)
     assert proc.returncode != 0 and "--alternate" in proc.stderr and str(4 << 20) in proc.stderr
+    # A bookmark naming another machine than the disk's owner would be refused by every reader: said up front.
+    proc = mt.reprotect(onprem, DISK, "--machine", "db02", check=False)
+    assert proc.returncode != 0 and "'db02' does not own disk web01.sda" in proc.stderr, proc.stderr
 
     m = mt.metrics()
     for reason in ("unknown_disk", "wrong_size", "unauthenticated", "malformed"):

@@ -98,3 +98,53 @@ def test_window_acknowledges_in_order_and_a_failed_predecessor_fails_its_success
     res = lab.failover(point["point_id"], out)
     assert res.returncode == 0, res.stderr
     assert hashlib.sha256(out.read_bytes()).hexdigest() == hashlib.sha256(expected).hexdigest()
+
+
+def test_window_keeps_the_replay_check_and_the_body_deadline(lab, tmp_path):
+    """Merged behaviour: within the window a stalled body still gets 408 (and takes its waiting successor
+    down), and an acknowledged seq resent with other bytes is 409 replay_mismatch, with the same bytes 200."""
+    lab.start_ps({"ingest": {"body_idle_timeout_seconds": 1.0}})
+    c = Client(lab)
+    payloads = {seq: os.urandom(EXTENT // 2) + bytes([seq]) * (EXTENT // 2) for seq in range(1, 5)}
+    bodies = {seq: numbered_batch(seq, payloads[seq], "web01-20261201T000000Z-000004" if seq == 4 else None)
+              for seq in payloads}
+    results: dict = {}
+    threads = [put_in_thread(c, 2, bodies[2], results), put_in_thread(c, 1, bodies[1], results)]
+    for t in threads:
+        t.join(30)
+    assert {seq: r[0] for seq, r in results.items()} == {1: 200, 2: 200}, results
+
+    # 3's body stalls: the idle limit answers 408 instead of holding the disk's window open.
+    conn = http.client.HTTPSConnection("127.0.0.1", lab.ps_port, context=c.ctx, timeout=30)
+    conn.putrequest("PUT", f"/api/v1/disks/{DISK}/batches/3")
+    conn.putheader("Authorization", f"Bearer {c.token}")
+    conn.putheader("Content-Length", str(len(bodies[3])))
+    conn.endheaders()
+    conn.send(bodies[3][:1000])
+    results = {}
+    t4 = put_in_thread(c, 4, bodies[4], results)  # whole, but it must wait for 3
+    resp = conn.getresponse()
+    assert resp.status == 408 and b"timeout" in resp.read(4096)
+    conn.close()
+    t4.join(30)
+    status, _, body = results[4]
+    assert status == 409 and body["error"] == "out_of_order" and body["expected_seq"] == 3, results
+    assert acked(c) == 2 and rejections(lab)["timeout"] >= 1
+
+    # Replays of acknowledged batches, while 2 is the newest: other bytes refused, the same bytes a duplicate.
+    forged = numbered_batch(2, os.urandom(EXTENT))
+    status, _, body = c.put(2, forged)
+    assert status == 409 and body["error"] == "replay_mismatch" and body["expected_seq"] == 3, body
+    status, _, body = c.put(1, bodies[1])
+    assert status == 200 and body["status"] == "duplicate", body
+    assert c.put(3, bodies[3])[0] == 200
+    assert c.put(4, bodies[4])[0] == 200
+
+    expected = bytearray(DISK_SIZE)
+    for seq, payload in payloads.items():
+        expected[seq * EXTENT: seq * EXTENT + len(payload)] = payload
+    [point] = lab.wait_points(1)
+    out = tmp_path / "out.img"
+    res = lab.failover(point["point_id"], out)
+    assert res.returncode == 0, res.stderr
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == hashlib.sha256(expected).hexdigest()

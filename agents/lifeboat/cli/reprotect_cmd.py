@@ -96,7 +96,7 @@ def add_parser(sub) -> None:
         p.add_argument("--via-token-file", help="agent token of the process server (default: --token-file)")
         p.add_argument("--block-size", type=int, default=64 * 1024, help="digest block size (default 65536)")
         p.add_argument("--batch-bytes", type=int, default=16 * 1024 * 1024, help="payload bytes per batch")
-        p.add_argument("--machine", default="failback", help="machine name recorded in the bookmark")
+        p.add_argument("--machine", help="machine name recorded in the bookmark (default and only accepted value: the disk id's machine, <machine>.<disk>)")
         p.add_argument("--point-id", help="the bookmark's point id (default reprotect-<unix time>)")
         p.add_argument("--consistency", default="crash" if name == "failback" else "none",
                        choices=("app", "crash", "none"), help="what the bookmark claims (quiesce the source first)")

@@ -179,9 +179,16 @@ async def failback(source: str | None, disk_id: str, master_target: Endpoint, vi
 
 async def reprotect(source: str, disk_id: str, master_target: Endpoint, via: Endpoint | None = None,
                     alternate: bool = False, block_size: int = 64 * 1024, batch_bytes: int = 16 * 1024 * 1024,
-                    extent_max: int = 1024 * 1024, machine: str = "failback", point_id: str | None = None,
+                    extent_max: int = 1024 * 1024, machine: str | None = None, point_id: str | None = None,
                     consistency: str = "none", wait: bool = True, wait_timeout: float = 600.0) -> ReprotectResult:
     """Send `source` (the failed-over image) to `disk_id` on the master target; see the module docstring."""
+    # A bookmark must name the machine that owns the disk (<machine>.<disk>), or every reader refuses it.
+    owner = disk_id.split(".", 1)[0]
+    if machine is None:
+        machine = owner
+    elif machine != owner:
+        raise ReprotectError(disk_id, f"--machine {machine!r} does not own disk {disk_id} (its machine is {owner!r}): "
+                             "leave --machine out, or name the disk <machine>.<disk>")
     size = device_size(source)
     point_id = point_id or f"reprotect-{int(time.time())}"
     async with master_target.sender() as mt:
