@@ -25,6 +25,13 @@ def mt(lab):
     proc.close()
 
 
+@pytest.fixture
+def control_mt(control_lab):
+    proc = MasterTargetProc(control_lab)
+    yield proc
+    proc.close()
+
+
 def _wait(what: str, probe, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while not (value := probe()):
@@ -69,3 +76,110 @@ def test_forwarder_drops_batches_the_master_target_went_back_past(lab, mt, tmp_p
         assert "cached batches dropped" in lab.log_path.read_text()
     finally:
         lab.stop_ps()
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, (proc.args, proc.stderr)
+    return proc.stdout
+
+
+def status_of(lab, machine: str) -> dict:
+    [row] = json.loads(ok(lab.api_cli("status", machine, "--json")))
+    return row
+
+
+def test_failback_loop_is_one_scripted_sequence_of_commands(control_lab, control_mt, tmp_path):
+    """protect → write → failover → commit → write on the copy → reprotect → failback prepare/switch → reenable →
+    a final point and failover: every command's exit code checked, every stage bit-exact, only changes on the wire."""
+    lab, mt = control_lab, control_mt
+    size = 32 << 20
+    lab.start_ps({"ingest": {"accept_shared_token": False}})
+    cred = tmp_path / "web01.credential"
+    ok(lab.api_cli("register", "--passphrase-file", lab.init["registration_passphrase"], "--machine", "web01",
+                   "--out", str(cred)))
+    agent = lab.agent_control(str(cred))
+    ok(lab.api_cli("policy", "set", "fast", "--crash-interval-seconds", "0.5", "--app-interval-seconds", "0",
+                   "--retention-days", "15", "--rpo-threshold-seconds", "3600"))
+    ok(lab.api_cli("protect", "web01", "--disk", "sda", "--policy", "fast"))
+    onprem = make_image(tmp_path / "onprem.img", 32, seed=71)
+
+    # 1. Protect and write: two forward points.
+    assert lab.run_agent("web01", {"sda": str(onprem)}, cycles=1, extra=agent) == 0
+    change_blocks(onprem, 8, seed=72)
+    assert lab.run_agent("web01", {"sda": str(onprem)}, cycles=1, extra=agent) == 0
+    lab.wait_points(2)
+    protected = sha256_file(onprem)
+    assert status_of(lab, "web01")["protection"] == "protected"
+
+    # 2. A real failover to the latest point, as a job of the primary.
+    site = tmp_path / "azure-side"
+    [line] = ok(lab.api_cli("failover", "web01", "--point", "latest", "--to", str(site), "-q")).splitlines()
+    failed_over = site / "web01.sda.img"
+    assert json.loads(line)["path"] == str(failed_over) and sha256_file(failed_over) == protected
+    assert status_of(lab, "web01")["state"] == "failed-over"
+    mt.add_disk(DISK, onprem)
+    mt.start()
+    proxy = CountingProxy(mt.port)
+    mt_args = ["--disk", DISK, "--master-target", f"https://127.0.0.1:{proxy.port}", "--ca-cert", mt.ca_cert,
+               "--token-file", str(mt.token_file), "--json"]
+    try:
+        # Reprotect before the commit is refused, with the way out, and sends nothing.
+        early = lab.api_cli("reprotect", "web01", "--source-image", str(failed_over), *mt_args)
+        assert early.returncode != 0 and "lifeboat failover commit web01" in early.stderr
+        assert proxy.up_bytes == 0 and sha256_file(onprem) == protected
+        ok(lab.api_cli("failover", "commit", "web01", "-q"))
+
+        # 3. The failed-over machine writes; 4. reprotect (original location) sends only what differs.
+        changed = change_blocks(failed_over, 20, seed=73)
+        rep = json.loads(ok(lab.api_cli("reprotect", "web01", "--source-image", str(failed_over), *mt_args)))
+        assert rep["applied"] and rep["changed_bytes"] == changed
+        assert sha256_file(onprem) == sha256_file(failed_over)
+        assert proxy.up_bytes <= changed * 1.05, (proxy.up_bytes, changed)
+        reprotect_wire = proxy.up_bytes
+        row = status_of(lab, "web01")
+        assert (row["state"], row["powered_off"]) == ("reprotecting", True)
+        assert "powered off (reprotecting)" in ok(lab.api_cli("status"))
+        # The on-prem machine is off: its agent, started by mistake, is refused and changes nothing.
+        assert lab.run_agent("web01", {"sda": str(onprem)}, cycles=1, extra=agent, timeout=120) != 0
+        assert sha256_file(onprem) == sha256_file(failed_over)
+
+        # 5. Planned failover back: more writes, prepare (final sync held), switch.
+        changed2 = change_blocks(failed_over, 6, seed=74)
+        up_before = proxy.up_bytes
+        prep = json.loads(ok(lab.api_cli("failback", "web01", "--source-image", str(failed_over), "--stage",
+                                         "prepare", "--point-id", "failback-final", *mt_args)))
+        assert prep["changed_bytes"] == changed2 and prep["first_seq"] == rep["last_seq"] + 1
+        assert status_of(lab, "web01")["state"] == "failing-back"
+        early = lab.api_cli("reenable", "web01")
+        assert early.returncode != 0 and "--stage switch" in early.stderr
+        done = json.loads(ok(lab.api_cli("failback", "web01", "--stage", "switch", *mt_args)))
+        assert done["applied"] and done["point_id"] == "failback-final"
+        failback_wire = proxy.up_bytes - up_before
+        assert failback_wire <= changed2 * 1.05 + 32 * 1024  # two TLS handshakes + headers
+    finally:
+        proxy.close()
+    failed_back = sha256_file(onprem)
+    assert failed_back == sha256_file(failed_over)
+    mt.stop()
+
+    # 6. Re-enable: protected again, the agent restarts on the on-prem disk and resyncs by digest.
+    before = lab.ps_metrics()["lifeboat_ps_received_bytes_total"]
+    points_before = len(lab.points())
+    out = json.loads(ok(lab.api_cli("reenable", "web01", "--json")))
+    # The refused early reprotect and reenable left no step behind: only what happened is recorded.
+    assert [s["step"] for s in out["steps"]] == ["reprotect", "prepare", "switch", "reenable"]
+    assert [s["to_state"] for s in out["steps"]] == ["reprotecting", "failing-back", "failing-back", "protected"]
+    assert out["state"] == "protected"
+    assert lab.run_agent("web01", {"sda": str(onprem)}, cycles=1, extra=agent) == 0
+    points = lab.wait_points(points_before + 1)
+    resync = lab.ps_metrics()["lifeboat_ps_received_bytes_total"] - before
+    assert resync < (changed + changed2) * 1.05 + 64 * 1024 and resync < size / 8, resync
+    print(f"FIGURES reprotect changed={changed} wire={reprotect_wire} failback changed={changed2} "
+          f"wire={failback_wire} reenable resync={resync} of {size}")
+    row = status_of(lab, "web01")
+    assert (row["protection"], row["powered_off"], row["latest_point"]) == ("protected", False, points[-1]["point_id"])
+
+    # 7. A final point and failover (a drill, so web01 stays protected): bit-exact with the failed-back disk.
+    [line] = ok(lab.api_cli("failover", "--test", "web01", "--point", "latest", "--to", str(tmp_path / "drill"),
+                            "-q")).splitlines()
+    assert sha256_file(json.loads(line)["path"]) == failed_back
