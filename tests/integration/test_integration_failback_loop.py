@@ -141,6 +141,7 @@ def test_failback_loop_is_one_scripted_sequence_of_commands(control_lab, control
         assert "powered off (reprotecting)" in ok(lab.api_cli("status"))
         # The on-prem machine is off: its agent, started by mistake, is refused and changes nothing.
         assert lab.run_agent("web01", {"sda": str(onprem)}, cycles=1, extra=agent, timeout=120) != 0
+        assert "machine web01 is reprotecting" in lab.log_path.read_text()   # the agent's error says why
         assert sha256_file(onprem) == sha256_file(failed_over)
 
         # 5. Planned failover back: more writes, prepare (final sync held), switch.
