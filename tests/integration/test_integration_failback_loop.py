@@ -51,7 +51,7 @@ def test_forwarder_drops_batches_the_master_target_went_back_past(lab, mt, tmp_p
     mt.start()
     lab.start_ps({"forward": {"master_target_url": mt.url, "ca_cert": mt.ca_cert, "token_file": str(mt.token_file),
                               "retry_max_seconds": 1.0}})
-    via = ("--via", f"https://127.0.0.1:{lab.ps_port}", "--via-token-file", lab.init["agent_token"], "--machine", "web01")
+    via = ("--via", f"https://127.0.0.1:{lab.ps_port}", "--via-token-file", lab.init["agent_token"])
     args = (mt.url, mt.ca_cert, mt.token_file)
     try:
         before = sha256_file(onprem)

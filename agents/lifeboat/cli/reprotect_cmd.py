@@ -40,6 +40,11 @@ def _endpoints(args) -> tuple[Endpoint, Endpoint | None]:
     return mt, via
 
 
+def _bookmark_machine(args, disk: str) -> str:
+    """Bookmarks name the machine that owns the disk (readers refuse others): disk ids are <machine>.<disk>."""
+    return args.target or args.machine or disk.split(".", 1)[0]
+
+
 async def record_step(args, step: str) -> None:
     """With a management API configured, the control plane records the step (and may refuse it: nothing is sent)."""
     from .control_args import api_configured, client_from_args
@@ -62,7 +67,7 @@ async def cmd_reprotect(args) -> int:
     await record_step(args, "reprotect")   # before a byte is sent: the on-prem machine must be off first
     disk = args.new_disk if args.alternate else args.disk
     res = await reprotect(args.source_image, disk, mt, via, alternate=args.alternate, block_size=args.block_size,
-                          batch_bytes=args.batch_bytes, machine=args.target or args.machine, point_id=args.point_id,
+                          batch_bytes=args.batch_bytes, machine=_bookmark_machine(args, disk), point_id=args.point_id,
                           consistency=args.consistency, wait=not args.no_wait)
     if args.json:
         print(json.dumps(res.as_dict(), sort_keys=True))
@@ -81,8 +86,8 @@ async def cmd_failback(args) -> int:
         await record_step(args, "prepare")
     out = await failback(args.source_image, args.disk, mt, via, stage=args.stage, rollback_point=args.point,
                          block_size=args.block_size,
-                         batch_bytes=args.batch_bytes, machine=args.target or args.machine, point_id=args.point_id,
-                         consistency=args.consistency)
+                         batch_bytes=args.batch_bytes, machine=_bookmark_machine(args, args.disk),
+                         point_id=args.point_id, consistency=args.consistency)
     if args.stage in ("switch", "all", "cancel"):
         await record_step(args, "cancel" if args.stage == "cancel" else "switch")
     if args.json:
@@ -121,7 +126,8 @@ def add_parser(sub) -> None:
         p.add_argument("--via-token-file", help="agent token of the process server (default: --token-file)")
         p.add_argument("--block-size", type=int, default=64 * 1024, help="digest block size (default 65536)")
         p.add_argument("--batch-bytes", type=int, default=16 * 1024 * 1024, help="payload bytes per batch")
-        p.add_argument("--machine", default="failback", help="machine name recorded in the bookmark")
+        p.add_argument("--machine", help="machine name recorded in the bookmark (default: MACHINE, else the "
+                                         "disk id's machine part)")
         p.add_argument("--point-id", help="the bookmark's point id (default reprotect-<unix time>)")
         p.add_argument("--consistency", default="crash" if name == "failback" else "none",
                        choices=("app", "crash", "none"), help="what the bookmark claims (quiesce the source first)")
