@@ -117,7 +117,7 @@ def make_scenario(seed: int, fault: str, quick: bool = False) -> Scenario:
     elif fault == "cache_full":
         # Storage refuses everything for a while, so acknowledged batches pile up in the cache until
         # it is full: a small filesystem (ENOSPC for real) or a small cache.max_bytes (throttling).
-        p.update(how=rng.choice(["enospc", "max_bytes"]), cache_mib=rng.choice([6, 8, 10]),
+        p.update(how=("max_bytes", "enospc")[seed % 2], cache_mib=rng.choice([6, 8, 10]),
                  hold_seconds=round(rng.uniform(3.0, 6.0), 2), start_after_seconds=round(rng.uniform(0.0, 1.0), 2))
     elif fault == "clock_jump":
         # Backwards by less than the certificates' 5-minute backdating, or forwards by hours/days.
@@ -181,6 +181,8 @@ class ScenarioRun:
             else:
                 extra["cache"] = {"dir": str(self.work / "lab" / "cache"), "max_bytes": self.p["cache_mib"] << 20,
                                   "retry_after_seconds": 1}
+                # the cache must hold two of the largest batches; the agent sends 1 MiB ones
+                extra["ingest"] = {"max_batch_bytes": 2 << 20}
         if self.sc.fault == "cache_full" and self.p["how"] == "enospc":
             extra["cache"] = {"dir": str(self.work / "cache")}
         return extra
@@ -276,6 +278,10 @@ class ScenarioRun:
             self.storage_link.heal()
             self.result.faults_applied += self.storage_link.landed
         elif f == "cache_full":
+            # Once the agent is sending (its first query needs storage: the process server reads
+            # where the disk's log ends in the repository), storage goes away and the cache fills.
+            while self.stored_batches() < 1 and self.agent.poll() is None:
+                time.sleep(0.02)
             self.storage_proxy.configure(1.0, ("503",))
             time.sleep(p["hold_seconds"])
             self.storage_proxy.heal()
@@ -290,6 +296,12 @@ class ScenarioRun:
                 if not self.sleep_unless_done(p["hold_seconds"]):
                     break
         # kill_agent is driven by replicate(): it restarts the agent itself
+
+    def stored_batches(self) -> float:
+        try:
+            return self.lab.ps_metrics().get('lifeboat_ps_batches_total{result="stored"}', 0.0)
+        except OSError:
+            return 0.0
 
     def kill_agent_at_random(self) -> None:
         """SIGKILL the agent at a seeded moment; if it dies while the writer is paused for a point
