@@ -68,6 +68,11 @@ class HTTPFaultProxy:
         self._port = self._server.sockets[0].getsockname()[1]
         self._ready.set()
         self._loop.run_forever()
+        # A connection accepted in the loop's last turn may have started a handler after _shutdown.
+        late = asyncio.all_tasks(self._loop)
+        for task in late:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*late, return_exceptions=True))
         self._loop.close()
 
     def _stop(self) -> None:
