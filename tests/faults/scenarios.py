@@ -96,7 +96,7 @@ def make_scenario(seed: int, fault: str, quick: bool = False) -> Scenario:
     elif fault == "tcp_throttle":
         p.update(bytes_per_second=rng.choice([1, 2, 4]) << 20)
     elif fault == "tcp_cut":
-        p.update(cut_after_bytes=rng.randint(16 << 10, 3 << 20))
+        p.update(cut_after_bytes=rng.randint(16 << 10, 1 << 20))
     elif fault == "kill_process_server":
         p.update(kills=rng.randint(1, 2), down_seconds=round(rng.uniform(0.1, 1.5), 2))
     elif fault == "kill_agent":
@@ -240,6 +240,11 @@ class ScenarioRun:
     def inject(self) -> None:
         """Runs beside the agent: wait the seeded delay, apply the fault, hold it, heal."""
         f, p = self.sc.fault, self.p
+        if f.startswith("tcp_") or f in ("kill_process_server", "storage_link"):
+            # Measured from the first stored batch: the fault lands while data flows, not before
+            # the agent has started or after it is done.
+            while self.stored_batches() < 1 and self.agent.poll() is None:
+                time.sleep(0.02)
         if not self.sleep_unless_done(p["start_after_seconds"]):
             return
         if f.startswith("tcp_"):
@@ -249,6 +254,8 @@ class ScenarioRun:
                     "tcp_reset": ("reset", 0, 0), "tcp_blackhole": ("blackhole", 0, 0)}[f]
             self.link.mode(*mode)
             self.sleep_unless_done(p["hold_seconds"] * (3 if f in ("tcp_delay", "tcp_throttle") else 1))
+            while not self.link.landed and self.sleep_unless_done(0.1):
+                pass  # the link was idle (between cycles): hold the fault until traffic meets it
             self.link.heal()
             self.result.faults_applied += self.link.landed
         elif f == "kill_process_server":
