@@ -47,6 +47,7 @@ CYCLE_COMPLETE_RE = re.compile(r"cycle complete.*?POINT='?([^'\s]+)")
 MACHINE = "web01"
 RUN_TIMEOUT_SECONDS = 120.0      # one scenario's replication, faults included
 CATALOG_TIMEOUT_SECONDS = 90.0   # after healing: uploads catch up with what was acknowledged
+EXTRA_CYCLES_FOR_A_FAULT = 3     # cycles run beyond the scenario's when a link fault met no traffic
 
 
 @dataclass
@@ -149,6 +150,7 @@ class ScenarioRun:
         self.clock_file = self.work / "faketime"
         self.ctl = self.work / "ctl"
         self.orphan_oracles: list[str] = []
+        self.replicated = threading.Event()  # no more agent runs will start
 
     # --- setup ------------------------------------------------------------------------------
 
@@ -254,7 +256,7 @@ class ScenarioRun:
                     "tcp_reset": ("reset", 0, 0), "tcp_blackhole": ("blackhole", 0, 0)}[f]
             self.link.mode(*mode)
             self.sleep_unless_done(p["hold_seconds"] * (3 if f in ("tcp_delay", "tcp_throttle") else 1))
-            while not self.link.landed and self.sleep_unless_done(0.1):
+            while not self.link.landed and not self.replicated.wait(0.05):
                 pass  # the link was idle (between cycles): hold the fault until traffic meets it
             self.link.heal()
             self.result.faults_applied += self.link.landed
@@ -327,6 +329,7 @@ class ScenarioRun:
         cycles = self.p["cycles"]
         deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
         kills_left = self.p.get("kills", 0) if self.sc.fault == "kill_agent" else 0
+        extra_cycles = EXTRA_CYCLES_FOR_A_FAULT
         self.start_agent(cycles)
         injector = None
         if self.sc.fault != "kill_agent":
@@ -347,9 +350,16 @@ class ScenarioRun:
             rc = self.agent.returncode
             if rc not in (0, -signal.SIGKILL):
                 self.result.errors.append(f"agent exited with {rc}")
-            if done >= cycles or time.monotonic() > deadline or rc not in (0, -signal.SIGKILL):
+            if time.monotonic() > deadline or rc not in (0, -signal.SIGKILL):
                 break
+            if done >= cycles:
+                if not (self.sc.fault.startswith("tcp_") and not self.link.landed and extra_cycles):
+                    break
+                extra_cycles -= 1  # the link fault met no traffic yet: one more cycle for it to land
+                self.start_agent(1)
+                continue
             self.start_agent(cycles - done)
+        self.replicated.set()
         if injector:
             injector.join(RUN_TIMEOUT_SECONDS)
             if injector.is_alive():
