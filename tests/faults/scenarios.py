@@ -177,16 +177,15 @@ class ScenarioRun:
     def ps_extra(self) -> dict:
         extra: dict = {"upload": {"retry_max_seconds": 1.0}}
         if self.sc.fault == "cache_full":
-            if self.p["how"] == "enospc":
+            if self.p["how"] == "enospc":  # the cache dir on a filesystem of cache_mib
                 if self.small_fs is None:
                     self.small_fs = SmallFilesystem(self.work / "cache.fs", self.work / "cache", self.p["cache_mib"])
+                extra["cache"] = {"dir": str(self.work / "cache")}
             else:
                 extra["cache"] = {"dir": str(self.work / "lab" / "cache"), "max_bytes": self.p["cache_mib"] << 20,
                                   "retry_after_seconds": 1}
                 # the cache must hold two of the largest batches; the agent sends 1 MiB ones
                 extra["ingest"] = {"max_batch_bytes": 2 << 20}
-        if self.sc.fault == "cache_full" and self.p["how"] == "enospc":
-            extra["cache"] = {"dir": str(self.work / "cache")}
         return extra
 
     def clock_env(self, who: str) -> dict:
