@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from conftest import RESULTS, require_for
+from preconditions import RESULTS, require_for
 from scenarios import AZURE_FAULTS, FAULTS, make_scenario, run_scenario
 
 # Two seeds per fault type; one for the storage faults (each costs an Azure failover per point,
