@@ -197,4 +197,6 @@ class FaultProxy:
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
+            # One side failed: fail the other too (a half-open client would wait for its read timeout).
+            writer.transport.abort()
             other.transport.abort()

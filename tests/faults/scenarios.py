@@ -230,7 +230,11 @@ class ScenarioRun:
         return [m.group(1) for line in text.splitlines() if (m := CYCLE_COMPLETE_RE.search(line))]
 
     def sleep_unless_done(self, seconds: float) -> bool:
-        """Sleep; False if the agent exited meanwhile (the fault window closed by itself)."""
+        """Sleep; False if replication is over meanwhile (no agent runs any more)."""
+        return not self.replicated.wait(seconds)
+
+    def sleep_unless_agent_exits(self, seconds: float) -> bool:
+        """Sleep; False if the running agent exited meanwhile."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self.agent.poll() is not None:
@@ -244,8 +248,8 @@ class ScenarioRun:
         if f.startswith("tcp_") or f in ("kill_process_server", "storage_link"):
             # Measured from the first stored batch: the fault lands while data flows, not before
             # the agent has started or after it is done.
-            while self.stored_batches() < 1 and self.agent.poll() is None:
-                time.sleep(0.02)
+            while self.stored_batches() < 1 and not self.replicated.wait(0.02):
+                pass
         if not self.sleep_unless_done(p["start_after_seconds"]):
             return
         if f.startswith("tcp_"):
@@ -288,8 +292,8 @@ class ScenarioRun:
         elif f == "cache_full":
             # Once the agent is sending (its first query needs storage: the process server reads
             # where the disk's log ends in the repository), storage goes away and the cache fills.
-            while self.stored_batches() < 1 and self.agent.poll() is None:
-                time.sleep(0.02)
+            while self.stored_batches() < 1 and not self.replicated.wait(0.02):
+                pass
             self.storage_proxy.configure(1.0, ("503",))
             time.sleep(p["hold_seconds"])
             self.storage_proxy.heal()
@@ -311,16 +315,27 @@ class ScenarioRun:
         except OSError:
             return 0.0
 
-    def kill_agent_at_random(self) -> None:
-        """SIGKILL the agent at a seeded moment; if it dies while the writer is paused for a point
-        whose bookmark may already be out, record the image (unchanged since) as that point's source."""
-        if self.sleep_unless_done(self.rng.uniform(0.05, 1.2)):
-            self.agent.kill()
-            self.agent.wait()
-            self.result.faults_applied += 1
-            if (self.ctl / "pause").exists():
-                self.orphan_oracles.append(sha256_file(self.image))
-                (self.ctl / "pause").unlink()  # what the killed post script would have done
+    def landed(self) -> bool:
+        """Whether the fault has acted yet, for the faults that need the agent running to land."""
+        if self.sc.fault.startswith("tcp_"):
+            return bool(self.link.landed)
+        if self.sc.fault in ("kill_agent", "kill_process_server"):
+            return self.result.faults_applied > 0
+        return True  # storage and clock faults run on their own clock, uploads go on after the agent
+
+    def kill_agent_at_random(self) -> bool:
+        """SIGKILL the agent at a seeded moment (False if it exited first); if it dies while the
+        writer is paused for a point whose bookmark may already be out, record the image (unchanged
+        since) as that point's source."""
+        if not self.sleep_unless_agent_exits(self.rng.uniform(0.05, 1.2)):
+            return False
+        self.agent.kill()
+        self.agent.wait()
+        self.result.faults_applied += 1
+        if (self.ctl / "pause").exists():
+            self.orphan_oracles.append(sha256_file(self.image))
+            (self.ctl / "pause").unlink()  # what the killed post script would have done
+        return True
 
     # --- replicate, heal, verify ------------------------------------------------------------
 
@@ -335,9 +350,8 @@ class ScenarioRun:
             injector = threading.Thread(target=self._inject_logged, daemon=True)
             injector.start()
         while True:
-            if kills_left:
+            if kills_left and self.kill_agent_at_random():
                 kills_left -= 1
-                self.kill_agent_at_random()
             while self.agent.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             if self.agent.poll() is None:
@@ -352,9 +366,9 @@ class ScenarioRun:
             if time.monotonic() > deadline or rc not in (0, -signal.SIGKILL):
                 break
             if done >= cycles:
-                if not (self.sc.fault.startswith("tcp_") and not self.link.landed and extra_cycles):
+                if self.landed() or not extra_cycles:
                     break
-                extra_cycles -= 1  # the link fault met no traffic yet: one more cycle for it to land
+                extra_cycles -= 1  # the fault met no traffic yet: one more cycle for it to land
                 self.start_agent(1)
                 continue
             self.start_agent(cycles - done)
