@@ -334,7 +334,8 @@ class ScenarioRun:
         self.result.faults_applied += 1
         if (self.ctl / "pause").exists():
             self.orphan_oracles.append(sha256_file(self.image))
-            (self.ctl / "pause").unlink()  # what the killed post script would have done
+            # What the killed post script would have done; it may outlive the agent and do it itself.
+            (self.ctl / "pause").unlink(missing_ok=True)
         return True
 
     # --- replicate, heal, verify ------------------------------------------------------------
