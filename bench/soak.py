@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -37,7 +38,10 @@ def main() -> int:
     totals = {"run": 0, "failed": 0, "divergent": 0, "lost": 0, "points": 0, "acknowledged": 0}
     per_fault: dict[str, int] = {}
     print(f"soak: seed {args.seed}, {args.minutes} min, faults {', '.join(faults)}, work {work}", flush=True)
-    while time.monotonic() < deadline:
+    stop = []  # SIGINT/SIGTERM: finish the running scenario (its cleanup included), then the totals
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(True))
+    while time.monotonic() < deadline and not stop:
         n = totals["run"] + 1
         scenario = make_scenario(rng.randrange(1, 1 << 31), rng.choice(faults))
         result = run_scenario(scenario, work / f"{n:04d}-{scenario.name}")

@@ -20,7 +20,8 @@ class HTTPFaultProxy:
     """Forwards HTTP/1.1 on 127.0.0.1:<port> to an upstream port, one request per connection
     (it asks both ends for Connection: close, so each request is a separate decision).
 
-    With probability `fraction` a request gets a fault picked from `faults` by Random(seed): an
+    With probability `fraction` (and always the first request after configure(), so that a short
+    window is never fault-free) a request gets a fault picked from `faults` by Random(seed): an
     Azure-style 500/503 error body (after the request body is read), or a stall: the request is
     read, nothing is answered for `stall_seconds`, then the connection drops.
     """
@@ -32,6 +33,7 @@ class HTTPFaultProxy:
         self.faults: tuple[str, ...] = ("503",)
         self.stall_seconds = 3.0
         self.counts: Counter[str] = Counter()
+        self._fault_next = False
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=f"http-fault-proxy-{upstream_port}", daemon=True)
@@ -44,6 +46,7 @@ class HTTPFaultProxy:
         if unknown or not 0 <= fraction <= 1:
             raise ValueError(f"faults must be among {FAULTS} and 0 <= fraction <= 1, not {faults}, {fraction}")
         self.faults, self.stall_seconds, self.fraction = tuple(faults), stall_seconds, fraction
+        self._fault_next = fraction > 0  # the first request after configure() always gets one
 
     @property
     def landed(self) -> int:
@@ -68,6 +71,11 @@ class HTTPFaultProxy:
         self._port = self._server.sockets[0].getsockname()[1]
         self._ready.set()
         self._loop.run_forever()
+        # A connection accepted in the loop's last turn may have started a handler after _shutdown.
+        late = asyncio.all_tasks(self._loop)
+        for task in late:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*late, return_exceptions=True))
         self._loop.close()
 
     def _stop(self) -> None:
@@ -83,7 +91,8 @@ class HTTPFaultProxy:
         self._loop.stop()
 
     def _decide(self) -> str:
-        if self.fraction and self.rng.random() < self.fraction:
+        if self.fraction and (self._fault_next or self.rng.random() < self.fraction):
+            self._fault_next = False
             return self.rng.choice(self.faults)
         return "pass"
 

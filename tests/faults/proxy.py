@@ -72,7 +72,7 @@ class FaultProxy:
         new = Mode(name, value, jitter)
         self._mode = new
         if name == "reset":  # open connections are reset too, as a failing middlebox would
-            self._loop.call_soon_threadsafe(self._reset_all)
+            self._loop.call_soon_threadsafe(self._reset_all, True)
 
     def heal(self) -> None:
         self.mode("pass")
@@ -95,6 +95,11 @@ class FaultProxy:
         self._port = self._server.sockets[0].getsockname()[1]
         self._ready.set()
         self._loop.run_forever()
+        # A connection accepted in the loop's last turn may have started a handler after _shutdown.
+        late = asyncio.all_tasks(self._loop)
+        for task in late:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*late, return_exceptions=True))
         self._loop.close()
 
     def _stop(self) -> None:
@@ -110,8 +115,9 @@ class FaultProxy:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._loop.stop()
 
-    def _reset_all(self) -> None:
+    def _reset_all(self, count: bool = False) -> None:
         for client, upstream in list(self._conns):
+            self.faulted_connections += count
             _abort_with_rst(client)
             if upstream is not None:
                 _abort_with_rst(upstream)
@@ -191,4 +197,6 @@ class FaultProxy:
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
+            # One side failed: fail the other too (a half-open client would wait for its read timeout).
+            writer.transport.abort()
             other.transport.abort()

@@ -47,6 +47,7 @@ CYCLE_COMPLETE_RE = re.compile(r"cycle complete.*?POINT='?([^'\s]+)")
 MACHINE = "web01"
 RUN_TIMEOUT_SECONDS = 120.0      # one scenario's replication, faults included
 CATALOG_TIMEOUT_SECONDS = 90.0   # after healing: uploads catch up with what was acknowledged
+EXTRA_CYCLES_FOR_A_FAULT = 3     # cycles run beyond the scenario's when a link fault met no traffic
 
 
 @dataclass
@@ -96,7 +97,7 @@ def make_scenario(seed: int, fault: str, quick: bool = False) -> Scenario:
     elif fault == "tcp_throttle":
         p.update(bytes_per_second=rng.choice([1, 2, 4]) << 20)
     elif fault == "tcp_cut":
-        p.update(cut_after_bytes=rng.randint(16 << 10, 3 << 20))
+        p.update(cut_after_bytes=rng.randint(16 << 10, 1 << 20))
     elif fault == "kill_process_server":
         p.update(kills=rng.randint(1, 2), down_seconds=round(rng.uniform(0.1, 1.5), 2))
     elif fault == "kill_agent":
@@ -117,7 +118,7 @@ def make_scenario(seed: int, fault: str, quick: bool = False) -> Scenario:
     elif fault == "cache_full":
         # Storage refuses everything for a while, so acknowledged batches pile up in the cache until
         # it is full: a small filesystem (ENOSPC for real) or a small cache.max_bytes (throttling).
-        p.update(how=rng.choice(["enospc", "max_bytes"]), cache_mib=rng.choice([6, 8, 10]),
+        p.update(how=("max_bytes", "enospc")[seed % 2], cache_mib=rng.choice([6, 8, 10]),
                  hold_seconds=round(rng.uniform(3.0, 6.0), 2), start_after_seconds=round(rng.uniform(0.0, 1.0), 2))
     elif fault == "clock_jump":
         # Backwards by less than the certificates' 5-minute backdating, or forwards by hours/days.
@@ -149,6 +150,7 @@ class ScenarioRun:
         self.clock_file = self.work / "faketime"
         self.ctl = self.work / "ctl"
         self.orphan_oracles: list[str] = []
+        self.replicated = threading.Event()  # no more agent runs will start
 
     # --- setup ------------------------------------------------------------------------------
 
@@ -175,14 +177,15 @@ class ScenarioRun:
     def ps_extra(self) -> dict:
         extra: dict = {"upload": {"retry_max_seconds": 1.0}}
         if self.sc.fault == "cache_full":
-            if self.p["how"] == "enospc":
+            if self.p["how"] == "enospc":  # the cache dir on a filesystem of cache_mib
                 if self.small_fs is None:
                     self.small_fs = SmallFilesystem(self.work / "cache.fs", self.work / "cache", self.p["cache_mib"])
+                extra["cache"] = {"dir": str(self.work / "cache")}
             else:
                 extra["cache"] = {"dir": str(self.work / "lab" / "cache"), "max_bytes": self.p["cache_mib"] << 20,
                                   "retry_after_seconds": 1}
-        if self.sc.fault == "cache_full" and self.p["how"] == "enospc":
-            extra["cache"] = {"dir": str(self.work / "cache")}
+                # the cache must hold two of the largest batches; the agent sends 1 MiB ones
+                extra["ingest"] = {"max_batch_bytes": 2 << 20}
         return extra
 
     def clock_env(self, who: str) -> dict:
@@ -227,7 +230,11 @@ class ScenarioRun:
         return [m.group(1) for line in text.splitlines() if (m := CYCLE_COMPLETE_RE.search(line))]
 
     def sleep_unless_done(self, seconds: float) -> bool:
-        """Sleep; False if the agent exited meanwhile (the fault window closed by itself)."""
+        """Sleep; False if replication is over meanwhile (no agent runs any more)."""
+        return not self.replicated.wait(seconds)
+
+    def sleep_unless_agent_exits(self, seconds: float) -> bool:
+        """Sleep; False if the running agent exited meanwhile."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self.agent.poll() is not None:
@@ -238,6 +245,11 @@ class ScenarioRun:
     def inject(self) -> None:
         """Runs beside the agent: wait the seeded delay, apply the fault, hold it, heal."""
         f, p = self.sc.fault, self.p
+        if f.startswith("tcp_") or f in ("kill_process_server", "storage_link"):
+            # Measured from the first stored batch: the fault lands while data flows, not before
+            # the agent has started or after it is done.
+            while self.stored_batches() < 1 and not self.replicated.wait(0.02):
+                pass
         if not self.sleep_unless_done(p["start_after_seconds"]):
             return
         if f.startswith("tcp_"):
@@ -247,6 +259,8 @@ class ScenarioRun:
                     "tcp_reset": ("reset", 0, 0), "tcp_blackhole": ("blackhole", 0, 0)}[f]
             self.link.mode(*mode)
             self.sleep_unless_done(p["hold_seconds"] * (3 if f in ("tcp_delay", "tcp_throttle") else 1))
+            while not self.link.landed and not self.replicated.wait(0.05):
+                pass  # the link was idle (between cycles): hold the fault until traffic meets it
             self.link.heal()
             self.result.faults_applied += self.link.landed
         elif f == "kill_process_server":
@@ -276,6 +290,10 @@ class ScenarioRun:
             self.storage_link.heal()
             self.result.faults_applied += self.storage_link.landed
         elif f == "cache_full":
+            # Once the agent is sending (its first query needs storage: the process server reads
+            # where the disk's log ends in the repository), storage goes away and the cache fills.
+            while self.stored_batches() < 1 and not self.replicated.wait(0.02):
+                pass
             self.storage_proxy.configure(1.0, ("503",))
             time.sleep(p["hold_seconds"])
             self.storage_proxy.heal()
@@ -291,16 +309,34 @@ class ScenarioRun:
                     break
         # kill_agent is driven by replicate(): it restarts the agent itself
 
-    def kill_agent_at_random(self) -> None:
-        """SIGKILL the agent at a seeded moment; if it dies while the writer is paused for a point
-        whose bookmark may already be out, record the image (unchanged since) as that point's source."""
-        if self.sleep_unless_done(self.rng.uniform(0.05, 1.2)):
-            self.agent.kill()
-            self.agent.wait()
-            self.result.faults_applied += 1
-            if (self.ctl / "pause").exists():
-                self.orphan_oracles.append(sha256_file(self.image))
-                (self.ctl / "pause").unlink()  # what the killed post script would have done
+    def stored_batches(self) -> float:
+        try:
+            return self.lab.ps_metrics().get('lifeboat_ps_batches_total{result="stored"}', 0.0)
+        except OSError:
+            return 0.0
+
+    def landed(self) -> bool:
+        """Whether the fault has acted yet, for the faults that need the agent running to land."""
+        if self.sc.fault.startswith("tcp_"):
+            return bool(self.link.landed)
+        if self.sc.fault in ("kill_agent", "kill_process_server"):
+            return self.result.faults_applied > 0
+        return True  # storage and clock faults run on their own clock, uploads go on after the agent
+
+    def kill_agent_at_random(self) -> bool:
+        """SIGKILL the agent at a seeded moment (False if it exited first); if it dies while the
+        writer is paused for a point whose bookmark may already be out, record the image (unchanged
+        since) as that point's source."""
+        if not self.sleep_unless_agent_exits(self.rng.uniform(0.05, 1.2)):
+            return False
+        self.agent.kill()
+        self.agent.wait()
+        self.result.faults_applied += 1
+        if (self.ctl / "pause").exists():
+            self.orphan_oracles.append(sha256_file(self.image))
+            # What the killed post script would have done; it may outlive the agent and do it itself.
+            (self.ctl / "pause").unlink(missing_ok=True)
+        return True
 
     # --- replicate, heal, verify ------------------------------------------------------------
 
@@ -308,15 +344,15 @@ class ScenarioRun:
         cycles = self.p["cycles"]
         deadline = time.monotonic() + RUN_TIMEOUT_SECONDS
         kills_left = self.p.get("kills", 0) if self.sc.fault == "kill_agent" else 0
+        extra_cycles = EXTRA_CYCLES_FOR_A_FAULT
         self.start_agent(cycles)
         injector = None
         if self.sc.fault != "kill_agent":
             injector = threading.Thread(target=self._inject_logged, daemon=True)
             injector.start()
         while True:
-            if kills_left:
+            if kills_left and self.kill_agent_at_random():
                 kills_left -= 1
-                self.kill_agent_at_random()
             while self.agent.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             if self.agent.poll() is None:
@@ -328,9 +364,16 @@ class ScenarioRun:
             rc = self.agent.returncode
             if rc not in (0, -signal.SIGKILL):
                 self.result.errors.append(f"agent exited with {rc}")
-            if done >= cycles or time.monotonic() > deadline or rc not in (0, -signal.SIGKILL):
+            if time.monotonic() > deadline or rc not in (0, -signal.SIGKILL):
                 break
+            if done >= cycles:
+                if self.landed() or not extra_cycles:
+                    break
+                extra_cycles -= 1  # the fault met no traffic yet: one more cycle for it to land
+                self.start_agent(1)
+                continue
             self.start_agent(cycles - done)
+        self.replicated.set()
         if injector:
             injector.join(RUN_TIMEOUT_SECONDS)
             if injector.is_alive():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -27,8 +28,6 @@ class SmallFilesystem:
         self.mounted = True
 
     def free_bytes(self) -> int:
-        import os
-
         st = os.statvfs(self.mountpoint)
         return st.f_bavail * st.f_frsize
 

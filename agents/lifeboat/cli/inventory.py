@@ -105,6 +105,8 @@ async def cmd_status(args) -> int:
         print(f"{r['machine']:<16} {r['state']:<13} {r['health']:<9} {_age(r['rpo_seconds']):>6} "
               f"{_bytes(r['backlog_bytes']):>10} {_bytes(r['churn_bytes_per_second']):>10} "
               f"{r['tracking_tier'] or '-':<8} {app_text:<20} {ps:<10} {resync_text}")
+        if r.get("powered_off"):
+            print(f"  {r['machine']}: on-prem machine powered off ({r['state']}): its agent's batches are refused")
         for why in r["health_reasons"]:
             print(f"  {r['machine']}: {why}")
     return 0

@@ -340,6 +340,7 @@ def parser() -> argparse.ArgumentParser:
     master_target_cmd.add_parser(sub)
     control_failover_cli.add_parser(sub)
     push_install.add_parser(sub)
+    from . import reenable_cmd; reenable_cmd.add_parser(sub)  # noqa: E702 - failback's last step
     return ap
 
 

@@ -9,6 +9,7 @@ import json
 import aiohttp
 
 from ..mobility.reprotect import Endpoint, ReprotectError, failback, reprotect
+from .control_args import add_api_args
 
 
 def _clear_errors(fn):
@@ -39,12 +40,34 @@ def _endpoints(args) -> tuple[Endpoint, Endpoint | None]:
     return mt, via
 
 
+def _bookmark_machine(args, disk: str) -> str:
+    """Bookmarks name the machine that owns the disk (readers refuse others): disk ids are <machine>.<disk>."""
+    return args.target or args.machine or disk.split(".", 1)[0]
+
+
+async def record_step(args, step: str) -> None:
+    """With a management API configured, the control plane records the step (and may refuse it: nothing is sent)."""
+    from .control_args import api_configured, client_from_args
+
+    if not api_configured(args):
+        return
+    if not args.target:
+        raise ReprotectError(args.disk, f"a management API is configured: name the machine ('lifeboat {args.command} "
+                             "MACHINE ...') so the control plane records the failback step")
+    async with client_from_args(args) as api:
+        out = await api.call("POST", f"/machines/{args.target}/failback", {"step": step})
+    if not args.quiet and not args.json:
+        print(f"control plane: {args.target} {out['from']} -> {out['state']}"
+              + (" (on-prem machine powered off)" if out["powered_off"] else ""))
+
+
 @_clear_errors
 async def cmd_reprotect(args) -> int:
     mt, via = _endpoints(args)
+    await record_step(args, "reprotect")   # before a byte is sent: the on-prem machine must be off first
     disk = args.new_disk if args.alternate else args.disk
     res = await reprotect(args.source_image, disk, mt, via, alternate=args.alternate, block_size=args.block_size,
-                          batch_bytes=args.batch_bytes, machine=args.machine, point_id=args.point_id,
+                          batch_bytes=args.batch_bytes, machine=_bookmark_machine(args, disk), point_id=args.point_id,
                           consistency=args.consistency, wait=not args.no_wait)
     if args.json:
         print(json.dumps(res.as_dict(), sort_keys=True))
@@ -59,10 +82,14 @@ async def cmd_reprotect(args) -> int:
 @_clear_errors
 async def cmd_failback(args) -> int:
     mt, via = _endpoints(args)
+    if args.stage in ("prepare", "all"):
+        await record_step(args, "prepare")
     out = await failback(args.source_image, args.disk, mt, via, stage=args.stage, rollback_point=args.point,
                          block_size=args.block_size,
-                         batch_bytes=args.batch_bytes, machine=args.machine, point_id=args.point_id,
-                         consistency=args.consistency)
+                         batch_bytes=args.batch_bytes, machine=_bookmark_machine(args, args.disk),
+                         point_id=args.point_id, consistency=args.consistency)
+    if args.stage in ("switch", "all", "cancel"):
+        await record_step(args, "cancel" if args.stage == "cancel" else "switch")
     if args.json:
         print(json.dumps(out, sort_keys=True))
     elif not args.quiet:
@@ -85,6 +112,9 @@ def add_parser(sub) -> None:
                         ("failback", "planned failover back: final sync (quiesce the source first), then the "
                                      "on-prem disk is switched to that point (the latest)")):
         p = sub.add_parser(name, help=help_)
+        p.add_argument("target", nargs="?", metavar="MACHINE",
+                       help="the machine (required with a management API: the control plane records the step)")
+        add_api_args(p)
         p.add_argument("--source-image", required=name == "reprotect",
                        help="the failed-over disk (image file or block device)")
         p.add_argument("--disk", required=True, help="disk id on the master target (original location)")
@@ -96,7 +126,8 @@ def add_parser(sub) -> None:
         p.add_argument("--via-token-file", help="agent token of the process server (default: --token-file)")
         p.add_argument("--block-size", type=int, default=64 * 1024, help="digest block size (default 65536)")
         p.add_argument("--batch-bytes", type=int, default=16 * 1024 * 1024, help="payload bytes per batch")
-        p.add_argument("--machine", help="machine name recorded in the bookmark (default and only accepted value: the disk id's machine, <machine>.<disk>)")
+        p.add_argument("--machine", help="machine name recorded in the bookmark (default: MACHINE, else the "
+                                         "disk id's machine part)")
         p.add_argument("--point-id", help="the bookmark's point id (default reprotect-<unix time>)")
         p.add_argument("--consistency", default="crash" if name == "failback" else "none",
                        choices=("app", "crash", "none"), help="what the bookmark claims (quiesce the source first)")
@@ -113,4 +144,5 @@ def add_parser(sub) -> None:
                                 "apply it; cancel: drop it (only before switch); all: prepare + switch; rollback: "
                                 "switch the on-prem disk to an earlier retained failback point (--point)")
             p.add_argument("--point", help="with --stage rollback: the failback point id")
-        p.set_defaults(fn=cmd_reprotect if name == "reprotect" else cmd_failback, alternate=False, new_disk=None, no_wait=False)
+        p.set_defaults(fn=cmd_reprotect if name == "reprotect" else cmd_failback, alternate=False, new_disk=None,
+                       no_wait=False, command=name)

@@ -270,4 +270,5 @@ def build_app(ctx: ControlContext) -> web.Application:
     inventory_api.add_routes(app)
     failover_api.add_routes(app)
     from . import plans_api; plans_api.add_routes(app)  # noqa: E702 - recovery plans (control/plans*.py)
+    from . import failback_api; failback_api.add_routes(app)  # noqa: E702 - failback states (control/failback.py)
     return app

@@ -16,6 +16,7 @@ from ..core.errors import ConfigError
 from . import auth
 from . import inventory as inv
 from .api import ControlContext, build_app
+from .failback import powered_off
 from .metrics import ControlMetrics
 from .store import Store, transaction
 
@@ -126,7 +127,14 @@ class ControlRole:
             self.metrics.refusals.labels(exc.reason).inc()
             logger.warning("ingest credential refused", reason=exc.reason, detail=exc.message)
             raise CredentialRefused(exc.status, exc.reason, exc.message) from None
-        return agent_machine(principal)
+        machine = agent_machine(principal)
+        state = await self.store.call(powered_off, machine)
+        if state is not None:   # the failed-over copy is being replicated back over this machine's disks
+            logger.warning("batches of a powered-off machine refused", MACHINE=machine, state=state)
+            raise CredentialRefused(409, "powered_off", f"machine {machine} is {state}: the on-prem machine is "
+                                    "powered off until its failback ends; run 'lifeboat reenable "
+                                    f"{machine}' after 'lifeboat failback {machine} --stage switch'")
+        return machine
 
     async def stop(self) -> None:
         if getattr(self, "retention", None) is not None:

@@ -60,7 +60,9 @@ def machine_status(machine: dict, policy: dict, heartbeat: tuple[float, dict] | 
         health = "warning" if health == "healthy" else health
     return {
         "machine": machine["name"], "state": report.get("state", "unknown") if machine["state"] == "protected"
-        else machine["state"], "protection": machine["state"], "policy": machine["policy"], "group": machine["group"],
+        else machine["state"], "protection": machine["state"],
+        "powered_off": machine["state"] in ("reprotecting", "failing-back"),   # control/failback.py POWERED_OFF_STATES
+        "policy": machine["policy"], "group": machine["group"],
         "process_server": machine["process_server"], "move_to": machine["move_to"],
         "rpo_seconds": None if rpo is None else round(rpo, 3),
         "latest_point": latest.point_id if latest else None,

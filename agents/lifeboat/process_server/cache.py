@@ -155,6 +155,19 @@ class DiskCache:
         with open(self.batch_path(disk_id, seq), "rb") as f:
             return f.read()
 
+    def rewind(self, disk_id: str, uploaded_through: int) -> list[int]:
+        """Drop every cached batch and continue after uploaded_through (the receiver went back); the dropped seqs."""
+        dropped = self.pending(disk_id)
+        write_json_atomic(os.path.join(self.root, disk_id, STATE_FILE), {"uploaded_through": uploaded_through})
+        self._uploaded[disk_id] = uploaded_through
+        for seq in dropped:
+            self.used_bytes -= self._pending[disk_id].pop(seq)
+            try:
+                os.unlink(self.batch_path(disk_id, seq))
+            except FileNotFoundError:
+                pass
+        return dropped
+
     def mark_uploaded(self, disk_id: str, seq: int) -> None:
         """Record durable upload of seq, then free its file (state first: a crash between is harmless)."""
         folder = os.path.join(self.root, disk_id)

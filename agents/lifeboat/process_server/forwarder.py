@@ -15,7 +15,7 @@ import aiohttp
 from ..core import logging as log
 from ..core.config import ForwardConfig, resolve_credential
 from ..core.errors import ConfigError, LifeboatError
-from ..mobility.sender import BatchSender
+from ..mobility.sender import BatchSender, ResyncRequired
 from .cache import DiskCache
 from .metrics import ProcessServerMetrics
 
@@ -97,6 +97,21 @@ class DiskForwarder:
                 self.failing, delay = None, 0.5
             except asyncio.CancelledError:
                 raise
+            except ResyncRequired as exc:
+                # Out of order: ask the master target where it stands rather than re-sending forever.
+                self.failing = f"ResyncRequired: {exc}"
+                self.metrics.upload_errors.labels("ResyncRequired").inc()
+                try:
+                    if await self.realign(seq):
+                        self.failing, delay = None, 0.5
+                        continue
+                except Exception as query_exc:  # noqa: BLE001 - unreachable: retried below like any failure
+                    logger.error("cannot ask the master target its acknowledged sequence", DISK=self.disk_id,
+                                 error=str(query_exc))
+                logger.error("forward out of order, will retry", DISK=self.disk_id, BATCH=seq, error=str(exc),
+                             retry_in_seconds=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.retry_max_seconds)
             except Exception as exc:  # noqa: BLE001 - a refusal (4xx) is not dropped: logged, counted, retried
                 kind = type(exc).__name__
                 self.failing = f"{kind}: {exc}"
@@ -107,6 +122,25 @@ class DiskForwarder:
                 delay = min(delay * 2, self.retry_max_seconds)
             finally:
                 self._busy = False
+
+    async def realign(self, seq: int) -> bool:
+        """After out_of_order: if the master target went back (a cancel or rollback dropped the batches these
+        continue), the cached ones can never apply; drop them and continue from its acknowledged sequence."""
+        acked = await self.link.acked_seq(self.disk_id)
+        if seq <= acked + 1:
+            return False   # it is not behind us: a transient disagreement, retried
+        loop = asyncio.get_running_loop()
+        dropped = await loop.run_in_executor(self.pool, self.cache.rewind, self.disk_id, acked)
+        m = self.metrics
+        m.forward_dropped.inc(len(dropped))
+        m.uploaded_seq.labels(self.disk_id).set(acked)
+        m.backlog.labels(self.disk_id).set(self.cache.backlog_bytes(self.disk_id))
+        m.cache_used.set(self.cache.used_bytes)
+        logger.error("master target went back: cached batches dropped (they continue a sequence it discarded); "
+                     "the sender resends from its acknowledged sequence", DISK=self.disk_id,
+                     master_target_acked_seq=acked, dropped=f"{dropped[0]}..{dropped[-1]}" if dropped else "",
+                     count=len(dropped), reason="master target acked_seq below the cached batches (cancel or rollback)")
+        return True
 
     async def forward_one(self, seq: int) -> None:
         t0 = time.monotonic()

@@ -96,7 +96,8 @@ class IngestService:
             except CredentialRefused as exc:
                 headers = {"Retry-After": str(self.retry_after_seconds)} if exc.status == 503 else {
                     "WWW-Authenticate": "Bearer"}
-                raise _Reject(exc.status, "auth_unavailable" if exc.status == 503 else "unauthenticated",
+                code = {503: "auth_unavailable", 409: exc.reason}.get(exc.status, "unauthenticated")
+                raise _Reject(exc.status, code,
                               exc.message, headers) from None
             # Disk ids are <machine>.<disk>: an agent's credential covers its own machine's disks only.
             if "." not in disk or disk.split(".", 1)[0] != machine:

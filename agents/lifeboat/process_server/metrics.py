@@ -34,3 +34,6 @@ class ProcessServerMetrics:
         self.uploaded_seq = Gauge("lifeboat_ps_uploaded_seq", "Highest uploaded sequence number, per disk", ["disk"], registry=r)
         self.forwarded_bytes = Counter("lifeboat_ps_forwarded_bytes_total",
                                        "Batch body bytes forwarded to a master target (failback)", registry=r)
+        self.forward_dropped = Counter("lifeboat_ps_forward_dropped_batches_total",
+                                       "Cached batches dropped because the master target went back past them "
+                                       "(failback cancel or rollback)", registry=r)
