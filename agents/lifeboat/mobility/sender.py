@@ -85,16 +85,30 @@ class BatchSender:
         self.timeout = aiohttp.ClientTimeout(total=timeout_seconds, sock_connect=10)
         self.retry_max_seconds = retry_max_seconds
         self.session: aiohttp.ClientSession | None = None
+        self._closing: set[asyncio.Task] = set()   # replaced sessions still closing (referenced until done)
         self.sent_bytes = 0
 
+    def _new_session(self) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl, limit=8),
+                                     timeout=self.timeout, headers=self._headers)
+
     async def __aenter__(self) -> "BatchSender":
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self.ssl, limit=8),
-                                             timeout=self.timeout, headers=self._headers)
+        self.session = self._new_session()
         return self
+
+    def _replace_session(self) -> None:
+        """Start over with a fresh connection pool; the old one closes once its requests have failed over."""
+        old, self.session = self.session, self._new_session()
+        if old is not None:
+            task = asyncio.get_running_loop().create_task(old.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def __aexit__(self, *exc) -> None:
         if self.session:
             await self.session.close()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def _json(self, resp: aiohttp.ClientResponse) -> dict:
         raw = await resp.content.read(MAX_RESPONSE_BYTES)  # bounded: a hostile server cannot flood us
@@ -114,6 +128,15 @@ class BatchSender:
             except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError, _ServerError) as exc:
                 logger.warning("process server unreachable, retrying", what=what, error=str(exc) or type(exc).__name__,
                                retry_in_seconds=round(delay, 2))
+            except RuntimeError as exc:
+                # uvloop can hand a connect a file descriptor it still maps to a closed transport when
+                # connects race with a server going away (MagicStack/uvloop#653): the attempt failed
+                # before anything was sent, so retry on a fresh connection pool instead of dying.
+                if "is used by transport" not in str(exc):
+                    raise
+                logger.warning("connection attempt hit a stale file descriptor, retrying on new connections",
+                               what=what, error=str(exc), retry_in_seconds=round(delay, 2))
+                self._replace_session()
             await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
             delay = min(delay * 2, self.retry_max_seconds)
 
