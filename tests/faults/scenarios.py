@@ -287,6 +287,8 @@ class ScenarioRun:
         elif f == "storage_link":
             self.storage_link.mode(p["mode"], p["value"])
             time.sleep(p["hold_seconds"] * 2)
+            while not self.storage_link.landed and not self.replicated.wait(0.05):
+                pass  # no upload crossed the link yet (faster agents finish a cycle early): hold until one does
             self.storage_link.heal()
             self.result.faults_applied += self.storage_link.landed
         elif f == "cache_full":
@@ -319,6 +321,8 @@ class ScenarioRun:
         """Whether the fault has acted yet, for the faults that need the agent running to land."""
         if self.sc.fault.startswith("tcp_"):
             return bool(self.link.landed)
+        if self.sc.fault == "storage_link":
+            return bool(self.storage_link.landed)   # else one more cycle uploads through the faulty link
         if self.sc.fault in ("kill_agent", "kill_process_server"):
             return self.result.faults_applied > 0
         return True  # storage and clock faults run on their own clock, uploads go on after the agent
