@@ -16,8 +16,10 @@ FIRST_PASS_DELAY_SECONDS = 5.0    # let the process server settle (uploads of it
 
 
 class RetentionTask:
-    def __init__(self, store: Store, repository: Callable[[], object], interval_seconds: float) -> None:
+    def __init__(self, store: Store, repository: Callable[[], object], interval_seconds: float,
+                 work_dir: str | None = None) -> None:
         self.store = store
+        self.work_dir = work_dir   # where checkpoint builds keep their sparse image (None: $TMPDIR)
         self.repository = repository
         self.interval_seconds = interval_seconds
         self.task: asyncio.Task | None = None
@@ -45,7 +47,7 @@ class RetentionTask:
             rp = retention.RetentionPolicy(retention_seconds=policy["retention_seconds"],
                                            keep_all_seconds=policy["keep_all_seconds"])
             try:
-                report = await retention.apply_retention(repo, m["name"], rp)
+                report = await retention.apply_retention(repo, m["name"], rp, work_dir=self.work_dir)
             except PointNotFound:
                 continue   # protected, but no point uploaded yet (initial copy): nothing to thin
             except (LifeboatError, OSError) as exc:

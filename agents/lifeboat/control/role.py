@@ -108,8 +108,10 @@ class ControlRole:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         from .retention_task import RetentionTask
 
+        # Checkpoints are built in a sparse image of the disk: on the state directory's disk, never in
+        # /tmp (a tmpfs would hold the disk's used bytes in memory).
         self.retention = RetentionTask(self.store, lambda: getattr(self.server, "repo", None),
-                                       cc.retention_interval_seconds)
+                                       cc.retention_interval_seconds, work_dir=cc.state_dir)
         self.retention.start()
         logger.info("management API ready", port=self.port, schema_version=self.store.schema_version,
                     database=self.store.path)

@@ -67,7 +67,7 @@ async def test_retention_pass_covers_every_machine_with_points_and_skips_the_oth
     async with control.operator() as op:
         await op.call("PUT", "/machines/web01", {"disks": ["sda"]})   # protected, no point uploaded yet
         await op.call("PUT", "/machines/web02", {"disks": ["sda"]})
-    task = RetentionTask(control.role.store, lambda: control.repo, 3600)
+    task = RetentionTask(control.role.store, lambda: control.repo, 3600, work_dir=str(control.role.config.control.state_dir))
     with capture_logs() as logs:
         first = await task.run_once()
         second = await task.run_once()
