@@ -17,6 +17,7 @@ from ..core.config import ForwardConfig, resolve_credential
 from ..core.errors import ConfigError, LifeboatError
 from ..mobility.sender import BatchSender, ResyncRequired
 from .cache import DiskCache
+from .drain import CacheDrainer
 from .metrics import ProcessServerMetrics
 
 logger = log.get("lifeboat.process_server.forwarder")
@@ -59,69 +60,29 @@ class MasterTargetLink:
             raise LifeboatError(f"master target {self.url} unreachable: {exc or type(exc).__name__}") from None
 
 
-class DiskForwarder:
-    """Same interface as DiskUploader (start, task, busy, failing, wakeup): one disk, strictly in seq order."""
+class DiskForwarder(CacheDrainer):
+    """Forwards one disk's cached batches to the master target, strictly in seq order."""
+
+    kind = "forward"
 
     def __init__(self, disk_id: str, cache: DiskCache, link: MasterTargetLink, metrics: ProcessServerMetrics,
                  retry_max_seconds: float, pool) -> None:
-        self.disk_id = disk_id
-        self.cache = cache
+        super().__init__(disk_id, cache, metrics, retry_max_seconds, pool)
         self.link = link
-        self.metrics = metrics
-        self.retry_max_seconds = retry_max_seconds
-        self.pool = pool
-        self.wakeup = asyncio.Event()
-        self.failing: str | None = None
-        self.task: asyncio.Task | None = None
-        self._busy = False
 
-    def start(self) -> None:
-        self.task = asyncio.create_task(self._run(), name=f"forward-{self.disk_id}")
+    async def drain_one(self, seq: int) -> None:
+        await self.forward_one(seq)
 
-    @property
-    def busy(self) -> bool:
-        return self._busy
-
-    async def _run(self) -> None:
-        delay = 0.5
-        while True:
-            pending = self.cache.pending(self.disk_id)
-            if not pending:
-                self.wakeup.clear()
-                await self.wakeup.wait()
-                continue
-            seq = pending[0]
-            self._busy = True
-            try:
-                await self.forward_one(seq)
-                self.failing, delay = None, 0.5
-            except asyncio.CancelledError:
-                raise
-            except ResyncRequired as exc:
-                # Out of order: ask the master target where it stands rather than re-sending forever.
-                self.failing = f"ResyncRequired: {exc}"
-                self.metrics.upload_errors.labels("ResyncRequired").inc()
-                try:
-                    if await self.realign(seq):
-                        self.failing, delay = None, 0.5
-                        continue
-                except Exception as query_exc:  # noqa: BLE001 - unreachable: retried below like any failure
-                    logger.error("cannot ask the master target its acknowledged sequence", DISK=self.disk_id,
-                                 error=str(query_exc))
-                logger.error("forward out of order, will retry", DISK=self.disk_id, BATCH=seq, error=str(exc),
-                             retry_in_seconds=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max_seconds)
-            except Exception as exc:  # noqa: BLE001 - a refusal (4xx) is not dropped: logged, counted, retried
-                kind = type(exc).__name__
-                self.failing = f"{kind}: {exc}"
-                self.metrics.upload_errors.labels(kind).inc()
-                logger.error("forward failed, will retry", DISK=self.disk_id, BATCH=seq, error=str(exc),
-                             kind=kind, retry_in_seconds=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max_seconds)
-            finally:
-                self._busy = False
+    async def recover(self, seq: int, exc: Exception) -> bool:
+        """Out of order: ask the master target where it stands rather than re-sending forever."""
+        if not isinstance(exc, ResyncRequired):
+            return False   # a refusal (4xx) is not dropped: logged, counted, retried
+        try:
+            return await self.realign(seq)
+        except Exception as query_exc:  # noqa: BLE001 - unreachable: retried like any failure
+            logger.error("cannot ask the master target its acknowledged sequence", DISK=self.disk_id,
+                         error=str(query_exc))
+            return False
 
     async def realign(self, seq: int) -> bool:
         """After out_of_order: if the master target went back (a cancel or rollback dropped the batches these

@@ -13,6 +13,7 @@ from ..core.segment import SegmentHeader, assemble_segment, encode_record
 from ..core.wire import BATCH_FLAG_AGENT_COMPRESSED, FRAME_BOOKMARK, FRAME_WRITE, parse_batch
 from ..repository.repo import Repository
 from .cache import DiskCache
+from .drain import CacheDrainer
 from .metrics import ProcessServerMetrics
 
 logger = log.get("lifeboat.process_server.uploader")
@@ -25,59 +26,21 @@ FRAMES_PER_TASK = 4
 UPLOAD_SLOTS = 2
 
 
-class DiskUploader:
+class DiskUploader(CacheDrainer):
     """Uploads one disk's batches strictly in sequence order (a catalog entry at seq S promises
     that every segment ≤ S is stored), retrying failures with capped exponential backoff."""
+
+    kind = "upload"
 
     def __init__(self, disk_id: str, cache: DiskCache, repo: Repository, pool: ThreadPoolExecutor,
                  metrics: ProcessServerMetrics, retry_max_seconds: float,
                  slots: asyncio.Semaphore | None = None) -> None:
-        self.disk_id = disk_id
-        self.slots = slots or asyncio.Semaphore(UPLOAD_SLOTS)  # shared by the server's uploaders
-        self.cache = cache
+        super().__init__(disk_id, cache, metrics, retry_max_seconds, pool,
+                         slots or asyncio.Semaphore(UPLOAD_SLOTS))
         self.repo = repo
-        self.pool = pool
-        self.metrics = metrics
-        self.retry_max_seconds = retry_max_seconds
-        self.wakeup = asyncio.Event()
-        self.failing: str | None = None
-        self.task: asyncio.Task | None = None
-        self._busy = False
 
-    def start(self) -> None:
-        self.task = asyncio.create_task(self._run(), name=f"upload-{self.disk_id}")
-
-    @property
-    def busy(self) -> bool:
-        return self._busy
-
-    async def _run(self) -> None:
-        delay = 0.5
-        while True:
-            pending = self.cache.pending(self.disk_id)
-            if not pending:
-                self.wakeup.clear()
-                await self.wakeup.wait()
-                continue
-            seq = pending[0]
-            try:
-                async with self.slots:
-                    self._busy = True  # waiting for a slot is not busy: a stop need not wait for it
-                    await self.upload_one(seq)
-                self.failing = None
-                delay = 0.5
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - every failure is retried, logged and counted
-                kind = type(exc).__name__
-                self.failing = f"{kind}: {exc}"
-                self.metrics.upload_errors.labels(kind).inc()
-                logger.error("upload failed, will retry", DISK=self.disk_id, BATCH=seq, error=str(exc),
-                             kind=kind, retry_in_seconds=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.retry_max_seconds)
-            finally:
-                self._busy = False
+    async def drain_one(self, seq: int) -> None:
+        await self.upload_one(seq)
 
     async def upload_one(self, seq: int) -> None:
         t0 = time.monotonic()
