@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 from collections import Counter
+
+from loop_server import LoopThreadServer
 
 MAX_HEAD_BYTES = 64 * 1024
 CHUNK_BYTES = 64 * 1024
@@ -16,7 +17,7 @@ _ERRORS = {
 }
 
 
-class HTTPFaultProxy:
+class HTTPFaultProxy(LoopThreadServer):
     """Forwards HTTP/1.1 on 127.0.0.1:<port> to an upstream port, one request per connection
     (it asks both ends for Connection: close, so each request is a separate decision).
 
@@ -34,12 +35,7 @@ class HTTPFaultProxy:
         self.stall_seconds = 3.0
         self.counts: Counter[str] = Counter()
         self._fault_next = False
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name=f"http-fault-proxy-{upstream_port}", daemon=True)
-        self._thread.start()
-        self._ready.wait(10)
-        self.port: int = self._port
+        super().__init__(f"http-fault-proxy-{upstream_port}", MAX_HEAD_BYTES)
 
     def configure(self, fraction: float, faults: tuple[str, ...] = ("503",), stall_seconds: float = 3.0) -> None:
         unknown = set(faults) - set(FAULTS)
@@ -58,37 +54,6 @@ class HTTPFaultProxy:
 
     def set_upstream(self, port: int) -> None:
         self.upstream_port = port
-
-    def close(self) -> None:
-        if not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._stop)
-            self._thread.join(10)
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", 0, limit=MAX_HEAD_BYTES))
-        self._port = self._server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self._loop.run_forever()
-        # A connection accepted in the loop's last turn may have started a handler after _shutdown.
-        late = asyncio.all_tasks(self._loop)
-        for task in late:
-            task.cancel()
-        self._loop.run_until_complete(asyncio.gather(*late, return_exceptions=True))
-        self._loop.close()
-
-    def _stop(self) -> None:
-        self._loop.create_task(self._shutdown())
-
-    async def _shutdown(self) -> None:
-        self._server.close()
-        # Cancelled handlers may start more tasks as they unwind: repeat until none is left.
-        while tasks := [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        self._loop.stop()
 
     def _decide(self) -> str:
         if self.fraction and (self._fault_next or self.rng.random() < self.fraction):

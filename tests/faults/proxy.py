@@ -6,8 +6,9 @@ import asyncio
 import random
 import socket
 import struct
-import threading
 from dataclasses import dataclass
+
+from loop_server import LoopThreadServer
 
 CHUNK_BYTES = 64 * 1024
 MODES = ("pass", "delay", "throttle", "cut", "reset", "blackhole")
@@ -38,7 +39,7 @@ def _abort_with_rst(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-class FaultProxy:
+class FaultProxy(LoopThreadServer):
     """Forwards 127.0.0.1:<port> to an upstream port in a thread of its own; mode() switches the
     fault for new and open connections. Delay jitter comes from Random(seed): same seed, same delays."""
 
@@ -50,12 +51,7 @@ class FaultProxy:
         self.connections = 0
         self.faulted_connections = 0
         self.faulted_chunks = 0  # chunks a delay, throttle or cut acted on
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name=f"fault-proxy-{upstream_port}", daemon=True)
-        self._thread.start()
-        self._ready.wait(10)
-        self.port: int = self._port
+        super().__init__(f"fault-proxy-{upstream_port}", CHUNK_BYTES)
 
     # --- control (any thread) ---------------------------------------------------------------
 
@@ -80,40 +76,10 @@ class FaultProxy:
     def set_upstream(self, port: int) -> None:
         self.upstream_port = port
 
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        self._loop.call_soon_threadsafe(self._stop)
-        self._thread.join(10)
-
     # --- the loop thread --------------------------------------------------------------------
 
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", 0, limit=CHUNK_BYTES))
-        self._port = self._server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self._loop.run_forever()
-        # A connection accepted in the loop's last turn may have started a handler after _shutdown.
-        late = asyncio.all_tasks(self._loop)
-        for task in late:
-            task.cancel()
-        self._loop.run_until_complete(asyncio.gather(*late, return_exceptions=True))
-        self._loop.close()
-
-    def _stop(self) -> None:
-        self._loop.create_task(self._shutdown())
-
-    async def _shutdown(self) -> None:
-        self._server.close()
+    def _before_shutdown(self) -> None:
         self._reset_all()
-        # Cancelled handlers may start more tasks as they unwind: repeat until none is left.
-        while tasks := [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        self._loop.stop()
 
     def _reset_all(self, count: bool = False) -> None:
         for client, upstream in list(self._conns):
