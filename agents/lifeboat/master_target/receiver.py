@@ -26,6 +26,7 @@ from typing import Callable
 from aiohttp import web
 
 from ..core import logging as log
+from ..core.http_reject import Reject as _Reject, reject_response
 from ..core.digest import DIGEST_BYTES, block_digest
 from ..core.errors import FrameError
 from ..core.wire import DISK_ID_RE, SECTOR_BYTES, BatchParser
@@ -41,12 +42,6 @@ MAX_JSON_BYTES = 64 * 1024
 DIGEST_READ_BYTES = 4 * 1024 * 1024
 MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = 4096, 4 * 1024 * 1024
 APPLIED_WAIT_SECONDS = 60.0
-
-
-class _Reject(Exception):
-    def __init__(self, status: int, reason: str, message: str, headers: dict | None = None, **extra) -> None:
-        super().__init__(message)
-        self.status, self.reason, self.message, self.headers, self.extra = status, reason, message, headers or {}, extra
 
 
 class Receiver:
@@ -77,11 +72,7 @@ class Receiver:
     # --- common checks ----------------------------------------------------------------------
 
     def _reject(self, exc: _Reject, request: web.Request) -> web.Response:
-        self.metrics.rejections.labels(exc.reason).inc()
-        logger.warning("request rejected", reason=exc.reason, status=exc.status, detail=exc.message,
-                       path=request.path, peer=request.remote)
-        return web.json_response({"error": exc.reason, "message": exc.message, **exc.extra},
-                                 status=exc.status, headers=exc.headers)
+        return reject_response(exc, request, self.metrics.rejections, logger)
 
     def _sender(self, request: web.Request) -> str:
         try:

@@ -14,6 +14,7 @@ import xxhash
 from aiohttp import web
 
 from ..core import logging as log
+from ..core.http_reject import Reject as _Reject, reject_response
 from ..core.errors import FrameError, LifeboatError
 from ..core.wire import DISK_ID_RE, BatchParser
 from .cache import DiskCache
@@ -35,12 +36,6 @@ RECEIVE_WINDOW = 8
 # How long a batch waits for its predecessors' requests to arrive (they travel on other
 # connections and may be a little late) before it is refused as out of order.
 PREDECESSOR_WAIT_SECONDS = 2.0
-
-
-class _Reject(Exception):
-    def __init__(self, status: int, reason: str, message: str, headers: dict | None = None, **extra) -> None:
-        super().__init__(message)
-        self.status, self.reason, self.message, self.headers, self.extra = status, reason, message, headers or {}, extra
 
 
 class CredentialRefused(Exception):
@@ -79,11 +74,7 @@ class IngestService:
         return app
 
     def _reject(self, exc: _Reject, request: web.Request) -> web.Response:
-        self.metrics.rejections.labels(exc.reason).inc()
-        logger.warning("request rejected", reason=exc.reason, status=exc.status, detail=exc.message,
-                       path=request.path, peer=request.remote)
-        return web.json_response({"error": exc.reason, "message": exc.message, **exc.extra},
-                                 status=exc.status, headers=exc.headers)
+        return reject_response(exc, request, self.metrics.rejections, logger)
 
     async def _authenticate(self, request: web.Request, disk: str) -> None:
         auth = request.headers.get("Authorization", "")
