@@ -111,6 +111,9 @@ class _FileSnapshot(Snapshot):
             except OSError as exc:
                 raise SnapshotError(f"cannot open snapshot {self.path}: {exc.strerror}; the cycle fails "
                                     f"and is retried") from None
+            if not stat.S_ISBLK(os.fstat(self._fd).st_mode):
+                # A regular file's page cache is the file: only a block device's can be stale.
+                self._fresh_cache = True
         if not self._fresh_cache:
             _drop_cache(self._fd, offset, len(view))
         return _pread_full(self._fd, view, offset)
@@ -424,6 +427,7 @@ class FreezeCopyProvider(SnapshotProvider):
         buffers: list[memoryview] = []
         try:
             extents = _merge(dirty_ranges, block_size, _device_size(fd))
+            is_device = stat.S_ISBLK(os.fstat(fd).st_mode)   # a regular file's page cache is never stale
             total = sum(e - s for s, e in extents)
             if total > self.max_bytes:
                 raise SnapshotTooLarge(f"disk {disk_id} has {total} dirty bytes, over the freeze-copy bound of "
@@ -435,7 +439,8 @@ class FreezeCopyProvider(SnapshotProvider):
             for start, end in extents:
                 buf = memoryview(arena)[at:at + end - start]
                 buffers.append(buf)
-                _drop_cache(fd, start, end - start)
+                if is_device:
+                    _drop_cache(fd, start, end - start)
                 got = _pread_full(fd, buf, start)
                 if got != len(buf):
                     _free(buffers, arena)
