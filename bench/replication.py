@@ -12,7 +12,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from .common import MiB, Lab
+from .common import MiB, Lab, agents_ready_wall
 from .initial_replication import ProcSampler, scrape, sha256
 
 POLL_SECONDS = 0.05
@@ -23,8 +23,9 @@ DISK = "disk0"
 @dataclass
 class Replication:
     lab: Lab
-    seconds: float          # agent start → lifeboat_ps_points_published_total reaches 1
-    agent_seconds: float    # agent start → agent exit (every batch acknowledged)
+    seconds: float          # agent ready (READY=1) → lifeboat_ps_points_published_total reaches 1
+    agent_seconds: float    # agent ready → agent exit (every batch acknowledged)
+    startup_seconds: float  # agent process start → agent ready (imports, TLS, reconcile with the PS)
     ps_hwm_mib: float       # process server VmHWM after the run
     agent_hwm_mib: float    # agent peak RSS (VmHWM samples and ru_maxrss)
     stored_bytes: float     # lifeboat_ps_upload_stored_bytes_total
@@ -34,11 +35,11 @@ def _published(lab: Lab) -> float:
     return scrape(lab.ps_metrics_port).get("lifeboat_ps_points_published_total", 0.0)
 
 
-def _run_agent_until_point(lab: Lab, image: str, timeout: float, before: float) -> tuple[float, float, float, float, dict]:
+def _run_agent_until_point(lab: Lab, image: str, timeout: float, before: float):
     """Start `lifeboat-mobility --cycles 1` and poll until the process server publishes one more
     point. Returns (start monotonic, seconds to the point, seconds to the agent's exit, agent peak
-    RSS MiB, last metrics)."""
-    t0 = time.monotonic()
+    RSS MiB, last metrics, seconds from the start to 'agent ready'), all from the process start."""
+    t0, wall0 = time.monotonic(), time.time()
     agent = lab.start_agent(MACHINE, {DISK: image}, cycles=1)
     ag_s = ProcSampler("agent", agent.pid)
     ps_s = ProcSampler("process server", lab.ps_proc.pid)
@@ -66,7 +67,8 @@ def _run_agent_until_point(lab: Lab, image: str, timeout: float, before: float) 
             raise RuntimeError(f"no point after {timeout:.0f} s; see {lab.log_path}")
         time.sleep(POLL_SECONDS)
     agent_hwm = max(ag_s.hwm_kib, ru.ru_maxrss) / 1024
-    return t0, t_point - t0, t_exit - t0, agent_hwm, metrics
+    startup = agents_ready_wall(lab, {MACHINE}, wall0 - 0.01)[MACHINE] - wall0
+    return t0, t_point - t0, t_exit - t0, agent_hwm, metrics, startup
 
 
 def initial(work: str, image: str, timeout: float) -> Replication:
@@ -86,9 +88,9 @@ def initial(work: str, image: str, timeout: float) -> Replication:
                     raise
                 time.sleep(0.1)
         ps_s = ProcSampler("process server", lab.ps_proc.pid)
-        _t0, seconds, agent_seconds, agent_hwm, metrics = _run_agent_until_point(lab, image, timeout, before)
+        _t0, seconds, agent_seconds, agent_hwm, metrics, startup = _run_agent_until_point(lab, image, timeout, before)
         ps_s.sample()
-        return Replication(lab, seconds, agent_seconds, ps_s.hwm_kib / 1024, agent_hwm,
+        return Replication(lab, seconds - startup, agent_seconds - startup, startup, ps_s.hwm_kib / 1024, agent_hwm,
                            metrics.get("lifeboat_ps_upload_stored_bytes_total", 0.0))
     except BaseException:
         lab.close()
@@ -138,7 +140,7 @@ def delta(lab: Lab, image: str, size: int, seed: int, timeout: float) -> Delta:
     before = m0.get("lifeboat_ps_points_published_total", 0.0)
     churned = churn(image, size, 0.01, random.Random(seed))
     t_write_wall, t_write = time.time(), time.monotonic()
-    t0, _seconds, agent_seconds, _hwm, metrics = _run_agent_until_point(lab, image, timeout, before)
+    t0, _seconds, agent_seconds, _hwm, metrics, _startup = _run_agent_until_point(lab, image, timeout, before)
     seconds = t0 + _seconds - t_write
     stamp = metrics.get("lifeboat_ps_last_point_timestamp_seconds", 0.0)
     received = metrics.get("lifeboat_ps_received_bytes_total", 0.0) - m0.get("lifeboat_ps_received_bytes_total", 0.0)
