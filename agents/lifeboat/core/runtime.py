@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import dataclasses
+import gc
 import signal
 import time
 from typing import Awaitable, Callable
@@ -103,6 +104,9 @@ def run(main: Callable[[asyncio.Event], Awaitable[int]], reload: Callable[[], No
                     sd_notify.notify("READY=1")
 
             loop.add_signal_handler(signal.SIGHUP, on_hup)
+        # Everything imported so far lives as long as the daemon: keep the cyclic collector from
+        # re-walking it (full collections were ~2% of the agent's CPU while replicating, perf record).
+        gc.freeze()
         return await main(stop)
 
     with runner:
