@@ -32,6 +32,8 @@ AGENT_RSS_GOAL_MIB = 128 + AGENT_POOL_BYTES / MiB
 FLAT_GROWTH = 1.25  # "flat": peak RSS grows by at most 25% when the disk size doubles
 DELTA_GOAL_S = 5.0
 RPO_GOAL_S = 10.0
+RTO_GOAL_S = 30.0
+RTO_SIZE = 4 << 30       # the RTO goal's point size
 RPO_RATE = 20e6          # bytes/s of random 64 KiB writes
 RPO_INTERVAL_S = 5.0     # seconds between points
 AZURE_GOAL = 1.0
@@ -87,6 +89,41 @@ def mem_gib() -> float:
             return int(f.readline().split()[1]) / (1 << 20)
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def rto_at(work: str, image: str, big: int, key: bytes, timeout: float) -> tuple[int, float, float]:
+    """Replicate a `big` image (copies of `image`) once, then time one test failover of it and one
+    same-run ceiling restore; both images are compared with the source. (size, seconds, ceiling seconds)."""
+    src = os.path.join(work, "rto-source.img")
+    with open(image, "rb") as f:
+        block = f.read()
+    with open(src, "wb") as f:
+        while f.tell() < big:
+            f.write(block[: big - f.tell()])
+    del block
+    src_sha = sha256(src)
+    read_through(src)
+    log(f"== RTO: {fmt_size(big)} point (the image repeated)")
+    rep = replication.initial(os.path.join(work, "rto", "lab"), src, timeout * 4)
+    log(f"-- RTO: initial replication of {fmt_size(big)}: {big / rep.seconds / MB:.0f} MB/s from agent ready")
+    target = os.path.join(work, "rto-restored.img")
+    seg_dir = os.path.join(work, "rto", "ceiling")
+    try:
+        read_through(src)
+        ceiling.replicate(src, seg_dir, key)
+        seconds = replication.failover(rep.lab, target, src_sha)
+        replication.drop_target(target)
+        ceil_s = ceiling.restore(seg_dir, target, big, key)
+        if sha256(target) != src_sha:
+            raise RuntimeError("the ceiling's 4 GiB restore differs from the source: the reference is wrong")
+    finally:
+        rep.lab.close()
+        replication.drop_target(target)
+        replication.drop_target(src)
+        shutil.rmtree(os.path.join(work, "rto"), ignore_errors=True)
+    log(f"-- RTO: Lifeboat failover {seconds:.1f} s ({big / seconds / MB:.0f} MB/s), ceiling restore {ceil_s:.1f} s "
+        f"({big / ceil_s / MB:.0f} MB/s); both images bit-exact")
+    return big, seconds, ceil_s
 
 
 def rpo_row(work: str, args) -> Row:
@@ -164,6 +201,12 @@ def run(args, size: int, reps: int, work: str) -> list[Row]:
             else:
                 last = rep
 
+    # RTO of a 4 GiB point (full runs only): the image is the suite's image repeated, which changes
+    # nothing for Lifeboat (frames are compressed one by one, nothing is deduplicated).
+    rto_point = None
+    if not args.quick and size < RTO_SIZE:
+        rto_point = rto_at(work, image, RTO_SIZE, key, args.timeout)
+
     # Memory at half the size: flat means the peak does not follow the disk size.
     half = size // 2
     half_image = os.path.join(work, "half.img")
@@ -232,9 +275,17 @@ def run(args, size: int, reps: int, work: str) -> list[Row]:
     rows.append(ratio_row(f"failover --test materialisation, {fmt_size(size)}", lbf, reff, "MB/s", RATIO_GOAL,
                           "read+decrypt+unzstd+write, 1 proc"))
     rto = size / lbf / MB
-    rows.append(Row(f"RTO to a local image, {fmt_size(size)}", f"{rto:.1f} s", "—", None, "≤ 30 s at 4 GiB",
-                    (rto <= 30) if size >= 4 << 30 else None,
-                    "" if size >= 4 << 30 else f"— (measured at {fmt_size(size)}, goal is for 4 GiB)"))
+    if rto_point is not None:
+        rto_size, rto_s, rto_ceil_s = rto_point
+        rows.append(ratio_row(f"failover --test materialisation, {fmt_size(rto_size)} (once)", rto_size / rto_s / MB,
+                              rto_size / rto_ceil_s / MB, "MB/s", RATIO_GOAL, "read+decrypt+unzstd+write, 1 proc"))
+        rows.append(Row(f"RTO to a local image, {fmt_size(rto_size)}", f"{rto_s:.1f} s", "—", None,
+                        f"≤ {RTO_GOAL_S:.0f} s", rto_s <= RTO_GOAL_S))
+    else:
+        rows.append(Row(f"RTO to a local image, {fmt_size(size)}", f"{rto:.1f} s", "—", None, "≤ 30 s at 4 GiB",
+                        (rto <= RTO_GOAL_S) if size >= RTO_SIZE else None,
+                        "" if size >= RTO_SIZE else f"— (measured at {fmt_size(size)}, goal is for 4 GiB; "
+                        "a full run measures 4 GiB too)"))
     if restic_s:
         rr = median(restic_s)
         rows.append(Row(f"vs restic backup, {fmt_size(size)}", f"{lb:.0f} MB/s", f"{rr:.0f} MB/s (restic 1 repo, local)",
