@@ -24,6 +24,9 @@ logger = log.get("lifeboat.process_server.ingest")
 API_PREFIX = "/api/v1"
 MEDIA_TYPE = "application/vnd.lifeboat.batch.v1"
 READ_CHUNK_BYTES = 256 * 1024
+# Body bytes handed to a worker at once (parse, hash, write): one executor hop per chunk cost a
+# thread switch and a future per 256 KiB or less.
+HOP_BYTES = 1024 * 1024
 _SEQ_RE = re.compile(r"^[1-9][0-9]{0,18}$")
 CREDENTIAL_PREFIX = "lbt_"   # per-machine credentials of the configuration server (control/auth.py TOKEN_PREFIX)
 # Digests of the last acknowledged batches per disk: a resend of one of them is compared with what was
@@ -186,7 +189,8 @@ class IngestService:
         try:
             if wait <= 0:
                 raise asyncio.TimeoutError
-            return await asyncio.wait_for(request.content.read(size), wait)
+            async with asyncio.timeout(wait):  # unlike wait_for, no task per chunk
+                return await request.content.read(size)
         except asyncio.TimeoutError:
             raise _Reject(408, "timeout", f"body not received in time (idle limit {self.body_idle_timeout_seconds:g} s, "
                           f"at least {self.body_min_bytes_per_second} bytes/s); the sender retries") from None
@@ -256,23 +260,43 @@ class IngestService:
         try:
             fd = await loop.run_in_executor(self.pool, self.cache.open_partial, disk, seq)
 
-            def consume(chunk: bytes) -> None:
+            def consume(chunks: list[bytes]) -> None:
                 # Parse (verify checksums) and write in one worker hop, off the event loop.
-                parser.feed(chunk)
-                digest.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
+                for chunk in chunks:
+                    parser.feed(chunk)
+                    digest.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
 
-            while True:
-                # Bounded read: never more than READ_CHUNK_BYTES past what Content-Length allows.
-                chunk = await self._read_chunk(request, min(READ_CHUNK_BYTES, length - received + 1), deadline)
-                if not chunk:
-                    break
-                received += len(chunk)
-                if received > length:
-                    raise _Reject(400, "bad_request", f"body is longer than its Content-Length {length}")
-                await loop.run_in_executor(self.pool, consume, chunk)
+            # Chunks go to the pool HOP_BYTES at a time, and the next ones are read while a hop runs
+            # (hops stay in order: one at a time per batch). Memory: two hops per batch received.
+            hop: asyncio.Future | None = None
+            pending: list[bytes] = []
+            pending_bytes = 0
+            try:
+                while True:
+                    # Bounded read: never more than READ_CHUNK_BYTES past what Content-Length allows.
+                    chunk = await self._read_chunk(request, min(READ_CHUNK_BYTES, length - received + 1), deadline)
+                    if chunk:
+                        received += len(chunk)
+                        if received > length:
+                            raise _Reject(400, "bad_request", f"body is longer than its Content-Length {length}")
+                        pending.append(chunk)
+                        pending_bytes += len(chunk)
+                    if pending and (pending_bytes >= HOP_BYTES or not chunk):
+                        if hop is not None:
+                            await hop
+                        hop = loop.run_in_executor(self.pool, consume, pending)
+                        pending, pending_bytes = [], 0
+                    if not chunk:
+                        break
+                if hop is not None:
+                    await hop
+            finally:
+                if hop is not None and not hop.done():
+                    # Never close or discard the file while a worker may still be writing to it.
+                    await asyncio.gather(hop, return_exceptions=True)
             if received < length:
                 raise _Reject(400, "truncated", f"body ended after {received} of {length} bytes")
             header = parser.finish()
