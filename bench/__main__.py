@@ -129,7 +129,7 @@ def rto_at(work: str, image: str, big: int, key: bytes, timeout: float) -> tuple
 def rpo_row(work: str, args) -> Row:
     """RPO under sustained churn (bench/cycle.py): 20 MB/s of random 64 KiB writes to ext4 on a loop
     device, tracepoint tracker, reflink snapshots, a point every 5 s; p50/p99 of now − newest durable point."""
-    figure, goal = "RPO under 20 MB/s churn, points every 5 s (tracepoint, reflink)", f"p99 ≤ {RPO_GOAL_S:.0f} s"
+    figure, goal = "RPO under churn (20 MB/s, a point every 5 s, tracepoint, reflink)", f"p99 ≤ {RPO_GOAL_S:.0f} s"
     if os.geteuid() != 0:
         return not_measured(figure, goal, "needs root (loop devices, mount, tracefs): run as root or bench/cycle.py")
     from pathlib import Path

@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 FIGURES = [
     "initial replication",
+    "agent start-up",
     "failover --test materialisation",
     "RTO to a local image",
     "vs restic backup",
