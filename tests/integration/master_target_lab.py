@@ -17,7 +17,7 @@ from lab import DAEMON_START_TIMEOUT_SECONDS, bin_path, free_port, to_toml
 
 
 class MasterTargetProc:
-    def __init__(self, lab, name: str = "mt") -> None:
+    def __init__(self, lab, name: str = "mt", ingest: dict | None = None) -> None:
         self.lab = lab
         self.work = lab.work / name
         self.state_dir = self.work / "state"
@@ -34,7 +34,7 @@ class MasterTargetProc:
         self.config.write_text(to_toml({
             "state_dir": str(self.state_dir),
             "ingest": {"host": "127.0.0.1", "port": self.port, "tls_cert": lab.init["server_cert"],
-                       "tls_key": lab.init["server_key"], "max_batch_bytes": 32 << 20},
+                       "tls_key": lab.init["server_key"], "max_batch_bytes": 32 << 20, **(ingest or {})},
             "metrics": {"host": "127.0.0.1", "port": self.metrics_port},
             "log": {"format": "kv"},
         }))

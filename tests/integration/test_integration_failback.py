@@ -216,6 +216,46 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(lab, mt, tmp_path):
     assert sha256_file(onprem) != before
 
 
+def test_a_stalled_body_gets_408_and_changes_nothing(lab, tmp_path):
+    """As at the ingest: a body that stops sending is answered 408 after the idle limit (it cannot hold
+    the disk's receive slot), nothing is journaled, and the next good batch is applied bit-exact."""
+    mt = MasterTargetProc(lab, "mt-slow", ingest={"body_idle_timeout_seconds": 1.0})
+    try:
+        onprem = make_image(tmp_path / "onprem.img", 4, seed=41)
+        mt.add_disk(DISK, onprem)
+        mt.start()
+        before = sha256_file(onprem)
+        original = onprem.read_bytes()
+        c = Client(mt)
+        payload = os.urandom(BLOCK)
+        b = BatchBuilder(DISK, 1, 4 << 20)
+        b.write(0, payload)
+        body = b.to_bytes()
+        conn = http.client.HTTPSConnection("127.0.0.1", mt.port, context=c.ctx, timeout=30)
+        conn.putrequest("PUT", f"/api/v1/disks/{DISK}/batches/1")
+        conn.putheader("Authorization", f"Bearer {c.token}")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders()
+        conn.send(body[:1000])
+        t0 = time.monotonic()
+        resp = conn.getresponse()
+        answer = json.loads(resp.read(65536))
+        conn.close()
+        assert resp.status == 408 and answer["error"] == "timeout" and "idle limit 1 s" in answer["message"], answer
+        assert time.monotonic() - t0 < 20
+        assert mt.metrics()['lifeboat_mt_rejections_total{reason="timeout"}'] == 1
+        assert not list((mt.state_dir / "journal").rglob("*.lbj")) and not list((mt.state_dir / "journal").rglob("*.partial"))
+        assert sha256_file(onprem) == before
+        # The sender retries the whole batch: accepted and applied.
+        assert c.put(DISK, 1, body)[0] == 200
+        mt.wait_applied(DISK, 1)
+        expected = bytearray(original)
+        expected[:BLOCK] = payload
+        assert sha256_file(onprem) == hashlib.sha256(expected).hexdigest()
+    finally:
+        mt.close()
+
+
 def test_failback_end_to_end_protect_failover_reprotect_failback_reenable(lab, mt, tmp_path):
     """Every stage on one host with image files, each ending bit-exact; reprotect and re-enable send only changes."""
     size = 32 << 20

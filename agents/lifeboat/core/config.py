@@ -259,6 +259,10 @@ class MasterTargetIngestConfig:
     journal_max_bytes: int = opt(4 * GiB, "journaled bytes not yet applied above which senders get 503 + Retry-After")
     retry_after_seconds: int = opt(5, "Retry-After value sent with 503")
     alternate_dir: str = opt("", "where alternate-location images are created (empty: <state_dir>/alternate)")
+    body_idle_timeout_seconds: float = opt(30.0, "a batch body that sends no byte for this long gets 408 "
+                                           "(the sender retries); also the grace period of the rate floor below")
+    body_min_bytes_per_second: int = opt(64 * 1024, "a batch body must arrive within body_idle_timeout_seconds + "
+                                         "its length / this rate, else 408: a slow-drip body cannot hold a disk")
 
 
 @dataclass(kw_only=True)

@@ -26,7 +26,7 @@ from typing import Callable
 from aiohttp import web
 
 from ..core import logging as log
-from ..core.http_reject import Reject as _Reject, reject_response
+from ..core.http_reject import BodyLimits, Reject as _Reject, reject_response
 from ..core.digest import DIGEST_BYTES, block_digest
 from ..core.errors import FrameError
 from ..core.wire import DISK_ID_RE, SECTOR_BYTES, BatchParser
@@ -47,7 +47,7 @@ APPLIED_WAIT_SECONDS = 60.0
 class Receiver:
     def __init__(self, registry: Registry, journal: Journal, metrics: MasterTargetMetrics, pool: ThreadPoolExecutor,
                  max_batch_bytes: int, journal_max_bytes: int, retry_after_seconds: int, alternate_dir: str,
-                 on_stored: Callable[[str], None], wait_applied) -> None:
+                 on_stored: Callable[[str], None], wait_applied, limits: BodyLimits | None = None) -> None:
         self.registry = registry
         self.journal = journal
         self.metrics = metrics
@@ -59,6 +59,7 @@ class Receiver:
         self.on_stored = on_stored          # callback(disk_id): wake the disk's applier
         self.wait_applied = wait_applied    # async (disk_id, timeout) -> bool: everything acked is applied
         self._receiving: set[str] = set()
+        self.limits = limits or BodyLimits()   # a stalled or trickling body gets 408, as at the ingest
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_JSON_BYTES)  # bounds request.read(); batches are streamed
@@ -241,6 +242,7 @@ class Receiver:
         parser = BatchParser(expected_disk_id=disk, expected_seq=seq, keep_payloads=False)
         fd = None
         received = 0
+        deadline = self.limits.deadline(length)
         try:
             fd = await loop.run_in_executor(self.pool, self.journal.open_partial, disk, seq, length)
 
@@ -256,7 +258,7 @@ class Receiver:
                     view = view[os.write(fd, view):]
 
             while True:
-                chunk = await request.content.read(min(READ_CHUNK_BYTES, length - received + 1))
+                chunk = await self.limits.read(request, min(READ_CHUNK_BYTES, length - received + 1), deadline)
                 if not chunk:
                     break
                 received += len(chunk)

@@ -16,6 +16,7 @@ from ..core.config import MasterTargetConfig, resolve_credential
 from ..core.runtime import start_metrics_server
 from .journal import Journal
 from .metrics import MasterTargetMetrics
+from ..core.http_reject import BodyLimits
 from .receiver import Receiver
 from .registry import Registry
 
@@ -119,7 +120,8 @@ class MasterTarget:
         alternate = cfg.ingest.alternate_dir or os.path.join(cfg.state_dir, "alternate")
         receiver = Receiver(self.registry, self.journal, self.metrics, self.pool, cfg.ingest.max_batch_bytes,
                             cfg.ingest.journal_max_bytes, cfg.ingest.retry_after_seconds, alternate,
-                            self._stored, self.wait_applied)
+                            self._stored, self.wait_applied,
+                            BodyLimits(cfg.ingest.body_idle_timeout_seconds, cfg.ingest.body_min_bytes_per_second))
         runner = web.AppRunner(receiver.app(), access_log=None, handle_signals=False)
         await runner.setup()
         ssl_ctx = tls.server_context(resolve_credential(cfg.ingest.tls_cert), resolve_credential(cfg.ingest.tls_key))

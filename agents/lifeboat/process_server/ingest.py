@@ -6,7 +6,6 @@ import asyncio
 import os
 import hmac
 import re
-import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,7 +13,7 @@ import xxhash
 from aiohttp import web
 
 from ..core import logging as log
-from ..core.http_reject import Reject as _Reject, reject_response
+from ..core.http_reject import BodyLimits, Reject as _Reject, reject_response
 from ..core.errors import FrameError, LifeboatError
 from ..core.wire import DISK_ID_RE, BatchParser
 from .cache import DiskCache
@@ -181,19 +180,14 @@ class IngestService:
                                         "the sender will retry"), request)
 
     def _body_deadline(self, length: int) -> float:
-        return time.monotonic() + self.body_idle_timeout_seconds + length / max(1, self.body_min_bytes_per_second)
+        return self._limits().deadline(length)
+
+    def _limits(self) -> BodyLimits:
+        return BodyLimits(self.body_idle_timeout_seconds, self.body_min_bytes_per_second)
 
     async def _read_chunk(self, request: web.Request, size: int, deadline: float) -> bytes:
         """One bounded read with an idle timeout and the body's overall deadline (slowloris)."""
-        wait = min(self.body_idle_timeout_seconds, deadline - time.monotonic())
-        try:
-            if wait <= 0:
-                raise asyncio.TimeoutError
-            async with asyncio.timeout(wait):  # unlike wait_for, no task per chunk
-                return await request.content.read(size)
-        except asyncio.TimeoutError:
-            raise _Reject(408, "timeout", f"body not received in time (idle limit {self.body_idle_timeout_seconds:g} s, "
-                          f"at least {self.body_min_bytes_per_second} bytes/s); the sender retries") from None
+        return await self._limits().read(request, size, deadline)
 
     async def _body_digest(self, request: web.Request, length: int) -> bytes:
         h = xxhash.xxh3_128()
