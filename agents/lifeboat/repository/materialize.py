@@ -5,18 +5,28 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
 from ..core.catalog import PointEntry
-from ..core.digest import block_digest, image_digest
 from ..core.errors import IntegrityError, LifeboatError, ObjectNotFound, PointIncomplete
 from ..core.segment import SegmentReader
 from ..core.wire import FRAME_WRITE, FRAME_ZERO
-from .checkpoints import list_checkpoints, read_manifest, write_checkpoint_to
+from .checkpoints import list_checkpoints, pwrite_all, read_manifest, write_checkpoint_to
+from .image_digests import ImageDigests, write_digests
 from .repo import Repository, segment_name
 
 ZERO_CHUNK_BYTES = 1024 * 1024
+# zstd and libsodium release the GIL: two decoders keep both cores of the reference machine busy.
+DECODE_THREADS = 2
+# Frames decoded ahead of the writer: enough to cover one frame's decode jitter per thread, small
+# enough that memory stays at two segments plus a few MiB.
+DECODE_LOOKAHEAD_FRAMES = 4
+DECODE_SCRATCH_BYTES = 1024 * 1024 + 64   # a 1 MiB write frame's sealed body; grown when larger
+_scratch = threading.local()
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
@@ -29,6 +39,7 @@ class MaterializeResult:
     written_bytes: int
     image_digest: str
     checkpoint_seq: int = 0   # the checkpoint replay started from (0: the log's start)
+    reread_bytes: int = 0     # image bytes read back to digest blocks not vouched for while writing
 
 
 def _open_target(path: str, size: int, overwrite: bool) -> tuple[int, bool]:
@@ -69,35 +80,52 @@ def _zero(fd: int, offset: int, length: int, is_device: bool) -> None:
         length -= n
 
 
-def _apply(reader: SegmentReader, fd: int, is_device: bool, stop_before: int | None) -> int:
+def _apply(reader: SegmentReader, fd: int, is_device: bool, stop_before: int | None, digests: ImageDigests,
+           pool: ThreadPoolExecutor) -> int:
+    """Apply one segment's frames in log order (later frames overwrite earlier ones).
+
+    Write frames are decoded (decrypt, decompress, check, block digests) on `pool`, up to
+    DECODE_LOOKAHEAD_FRAMES ahead of the writer, so both cores decode while this thread pwrites and
+    records digests strictly in frame order: memory stays at the segment plus the look-ahead frames.
+    """
+    entries = reader.entries if stop_before is None else reader.entries[:stop_before]
+    writes = [i for i, e in enumerate(entries) if e.kind == FRAME_WRITE]
+    bs = digests.block_size
+
+    def decode(i: int):
+        scratch = getattr(_scratch, "buf", None)
+        if scratch is None or len(scratch) < entries[i].record_len:
+            scratch = _scratch.buf = bytearray(max(DECODE_SCRATCH_BYTES, entries[i].record_len))
+        plain = reader.decode(i, scratch)
+        return (plain, *write_digests(plain, entries[i].disk_offset, bs))
+
+    pending: deque[Future] = deque()
+    submitted = 0
     written = 0
-    for i, e in enumerate(reader.entries):
-        if stop_before is not None and i >= stop_before:
-            break
-        if e.kind == FRAME_WRITE:
-            data = reader.payload(i)
-            os.pwrite(fd, data, e.disk_offset)
-            written += len(data)
-        elif e.kind == FRAME_ZERO:
-            _zero(fd, e.disk_offset, e.length, is_device)
-            written += e.length
+    try:
+        for i, e in enumerate(entries):
+            if e.kind == FRAME_WRITE:
+                while submitted < len(writes) and len(pending) < DECODE_LOOKAHEAD_FRAMES:
+                    pending.append(pool.submit(decode, writes[submitted]))
+                    submitted += 1
+                plain, block_list, first = pending.popleft().result()
+                pwrite_all(fd, plain, e.disk_offset)
+                digests.wrote(e.disk_offset, len(plain), block_list, first)
+                written += len(plain)
+            elif e.kind == FRAME_ZERO:
+                _zero(fd, e.disk_offset, e.length, is_device)
+                digests.wrote(e.disk_offset, e.length, None, 0)
+                written += e.length
+    finally:
+        for f in pending:
+            f.cancel()
     return written
 
 
 def image_digest_of(fd: int, size: int, block_size: int) -> str:
-    """Recompute the point's image digest from the materialised bytes."""
-    digests = bytearray()
-    buf = bytearray(max(block_size, 4 * 1024 * 1024) // block_size * block_size)
-    view = memoryview(buf)
-    offset = 0
-    while offset < size:
-        n = os.preadv(fd, [view[: min(len(buf), size - offset)]], offset)
-        if n <= 0:
-            raise OSError(f"short read at {offset}")
-        for a in range(0, n, block_size):
-            digests += block_digest(view[a: min(a + block_size, n)])
-        offset += n
-    return image_digest(digests)
+    """Recompute an image digest by reading every byte of the image (the slow, independent check)."""
+    d = ImageDigests(size, block_size, all_stale=True)
+    return d.finish(fd)
 
 
 async def _replay_base(repo: Repository, entry: PointEntry, seqs: list[int]):
@@ -134,6 +162,9 @@ async def materialize(repo: Repository, entry: PointEntry, target: str, overwrit
     seqs = await repo.list_segments(entry.disk_id)
     base, needed, _damaged = await _replay_base(repo, entry, seqs)
     fd, is_device = await asyncio.to_thread(_open_target, target, entry.disk_size, overwrite)
+    # A device holds old data wherever nothing is written: those blocks are read back at the end.
+    digests = ImageDigests(entry.disk_size, entry.block_size, all_stale=is_device)
+    pool = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="lifeboat-decode")
     written = 0
     try:
         async def fetch(seq: int) -> SegmentReader:
@@ -144,7 +175,7 @@ async def materialize(repo: Repository, entry: PointEntry, target: str, overwrit
 
         if base is not None:
             try:
-                written += await write_checkpoint_to(repo, base, fd, entry.disk_size, is_device)
+                written += await write_checkpoint_to(repo, base, fd, entry.disk_size, is_device, digests=digests)
             except IntegrityError as exc:
                 raise PointIncomplete(entry.point_id, f"it needs {exc.object_name}, which is damaged: {exc}") from None
         nxt = asyncio.ensure_future(fetch(needed[0]))
@@ -157,15 +188,18 @@ async def materialize(repo: Repository, entry: PointEntry, target: str, overwrit
                 nxt = asyncio.ensure_future(fetch(seq + 1))
             stop = entry.frame_index if seq == entry.seq else None
             try:
-                written += await asyncio.to_thread(_apply, reader, fd, is_device, stop)
+                written += await asyncio.to_thread(_apply, reader, fd, is_device, stop, digests, pool)
             except IntegrityError as exc:
                 raise PointIncomplete(entry.point_id, f"it needs {exc.object_name}, which is damaged: {exc}") from None
             del reader
             if progress:
                 progress(pos + 1, len(needed))
         await asyncio.to_thread(os.fsync, fd)
-        digest = await asyncio.to_thread(image_digest_of, fd, entry.disk_size, entry.block_size)
+        # The digest of the bytes as laid down (last write wins), from the plaintext each write came from;
+        # only blocks no write covered in full are read back.
+        digest = await asyncio.to_thread(digests.finish, fd)
     except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
         os.close(fd)
         if not is_device:
             try:
@@ -173,9 +207,10 @@ async def materialize(repo: Repository, entry: PointEntry, target: str, overwrit
             except OSError:
                 pass
         raise
+    pool.shutdown(wait=True)
     os.close(fd)
     if entry.image_digest and digest != entry.image_digest:
         raise PointIncomplete(entry.point_id, f"the recovered image's digest {digest} differs from the digest the agent "
                               f"recorded ({entry.image_digest}); the image at {target} is not trustworthy")
     return MaterializeResult(target, entry.disk_id, entry.point_id, len(needed), written, digest,
-                             base.seq if base is not None else 0)
+                             base.seq if base is not None else 0, digests.reread_bytes)
