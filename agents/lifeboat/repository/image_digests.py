@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import xxhash
-
 from ..core.digest import DIGEST_BYTES, block_digest, image_digest
 
 REREAD_BUFFER_BYTES = 4 * 1024 * 1024
@@ -14,8 +12,7 @@ REREAD_BUFFER_BYTES = 4 * 1024 * 1024
 def block_digests(data, block_size: int) -> bytes:
     """Concatenated digests of `data` cut into blocks (the last one may be short)."""
     view = memoryview(data)
-    digest = xxhash.xxh3_128_digest
-    return b"".join([digest(view[a: a + block_size]) for a in range(0, len(view), block_size)])
+    return b"".join([block_digest(view[a: a + block_size]) for a in range(0, len(view), block_size)])
 
 
 def write_digests(data, offset: int, block_size: int) -> tuple[bytes, int]:
