@@ -27,6 +27,7 @@ DECODE_THREADS = 2
 DECODE_LOOKAHEAD_FRAMES = 4
 DECODE_SCRATCH_BYTES = 1024 * 1024 + 64   # a 1 MiB write frame's sealed body; grown when larger
 _scratch = threading.local()
+MAX_BLOCK_BYTES = 4 * 1024 * 1024   # the digest tracker's largest block size (replication.block_size)
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
@@ -194,6 +195,9 @@ async def materialize(repo: Repository, entry: PointEntry, target: str, overwrit
     Memory is bounded by two segments (the one being applied and the next one, prefetched; briefly the
     last look-ahead frames of a third) or two checkpoint chunks.
     """
+    if not 0 < entry.block_size <= MAX_BLOCK_BYTES:
+        raise PointIncomplete(entry.point_id, f"its bookmark declares digest block size {entry.block_size}, outside "
+                              f"1..{MAX_BLOCK_BYTES}; the image digest cannot be checked (run 'lifeboat verify')")
     seqs = await repo.list_segments(entry.disk_id)
     base, needed, _damaged = await _replay_base(repo, entry, seqs)
     fd, is_device = await asyncio.to_thread(_open_target, target, entry.disk_size, overwrite)

@@ -213,3 +213,15 @@ async def test_cancelled_failover_stops_its_threads_and_removes_the_image(repo, 
     assert not [t for t in threading.enumerate() if t.name.startswith(("lifeboat-write", "lifeboat-decode"))]
     result = await materialize(repo, entry, str(out))
     assert hashlib.sha256(out.read_bytes()).hexdigest() == sd.sha256() and result.segments == 12
+
+
+async def test_a_point_with_an_impossible_block_size_is_refused_clearly(repo, tmp_path):
+    import dataclasses
+
+    sd = SyntheticDisk(repo, "web01", "sda", DISK_BYTES, block_size=BLOCK, seed=10)
+    await sd.segment(messy_writes(sd, 3), "p1")
+    [entry] = await repo.list_points(sd.disk_id)
+    for bad in (0, -4096, 1 << 30):
+        with pytest.raises(PointIncomplete, match=f"digest block size {bad}, outside"):
+            await materialize(repo, dataclasses.replace(entry, block_size=bad), str(tmp_path / "out.img"))
+    assert not (tmp_path / "out.img").exists()
