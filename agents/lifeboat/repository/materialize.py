@@ -15,7 +15,7 @@ from ..core.catalog import PointEntry
 from ..core.errors import IntegrityError, LifeboatError, ObjectNotFound, PointIncomplete
 from ..core.segment import SegmentReader
 from ..core.wire import FRAME_WRITE, FRAME_ZERO
-from .checkpoints import list_checkpoints, pwrite_all, read_manifest, write_checkpoint_to
+from .checkpoints import list_checkpoints, pwrite_all, read_manifest, write_checkpoint_to, writeback_starter
 from .image_digests import ImageDigests, write_digests
 from .repo import Repository, segment_name
 
@@ -95,6 +95,7 @@ def _replay(segments: Iterator[tuple[SegmentReader, int | None]], fd: int, is_de
     strictly in frame order. `segments` yields (reader, frames to apply: None for all) and fetches ahead.
     """
     bs = digests.block_size
+    start_writeback = writeback_starter()
 
     def decode(reader: SegmentReader, i: int):
         e = reader.entries[i]
@@ -144,6 +145,7 @@ def _replay(segments: Iterator[tuple[SegmentReader, int | None]], fd: int, is_de
                 in_flight -= 1
                 plain, block_list, first = fut.result()
                 pwrite_all(fd, plain, e.disk_offset)
+                start_writeback(fd, e.disk_offset, len(plain))
                 digests.wrote(e.disk_offset, len(plain), block_list, first)
                 written += len(plain)
                 del plain
@@ -217,7 +219,8 @@ async def materialize(repo: Repository, entry: PointEntry, target: str, overwrit
 
         if base is not None:
             try:
-                written += await write_checkpoint_to(repo, base, fd, entry.disk_size, is_device, digests=digests)
+                written += await write_checkpoint_to(repo, base, fd, entry.disk_size, is_device, digests=digests,
+                                                     writeback=writeback_starter())
             except IntegrityError as exc:
                 raise PointIncomplete(entry.point_id, f"it needs {exc.object_name}, which is damaged: {exc}") from None
         loop = asyncio.get_running_loop()
