@@ -8,6 +8,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -15,9 +16,11 @@ from ..core.errors import ConfigError, IntegrityError, LifeboatError
 from ..repository.azure_vm import FailedOverDisk, FailedOverMachine, write_descriptors
 from ..repository.materialize import materialize
 from ..repository.open import _read_secret
-from ..repository.page_blob_target import PageBlobTarget, parse_target
 from .points import GroupFailoverRefused, MachinePoint, group_points, machine_points, point_group, resolve, \
     resolve_group
+
+if TYPE_CHECKING:
+    from ..repository.page_blob_target import PageBlobTarget
 
 logger = structlog.get_logger("lifeboat.cli.azure_failover")
 
@@ -78,6 +81,9 @@ def _mib_progress(factory: ProgressFactory | None, label: str) -> Callable[[int,
 
 
 async def run(args, repo, progress: ProgressFactory | None) -> int:
+    # The Azure SDK and aiohttp cost ~0.3 s of start-up: only --to-azure loads them.
+    from ..repository.page_blob_target import PageBlobTarget, parse_target
+
     container, prefix = parse_target(args.to_azure)
     conn = _connection_string(args)
     damaged: list[IntegrityError] = []

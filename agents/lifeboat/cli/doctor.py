@@ -32,8 +32,10 @@ import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 from ..core import config as cfgmod
 from ..core import tls
@@ -112,6 +114,10 @@ def _fmt_date(d: datetime.datetime) -> str:
 
 
 def _load_cert(path: str) -> x509.Certificate:
+    # Imported here: every `lifeboat` command loads this module to build its parser, and
+    # cryptography.x509 alone is ~30 ms of start-up (a failover's RTO counts it).
+    from cryptography import x509
+
     with open(cfgmod.resolve_credential(path), "rb") as f:
         return x509.load_pem_x509_certificate(f.read())
 
@@ -150,6 +156,8 @@ def check_cert(rep: Report, label: str, path: str, fix_renew: str, ca_path: str 
         except Exception as exc:  # InvalidSignature (no message), or a CA key type that cannot sign
             problems.append(f"not signed by the CA {ca_path} ({type(exc).__name__}{': ' + str(exc) if str(exc) else ''})")
     if key_path:
+        from cryptography.hazmat.primitives import serialization
+
         try:
             with open(cfgmod.resolve_credential(key_path), "rb") as f:
                 key = serialization.load_pem_private_key(f.read(), None)

@@ -28,6 +28,7 @@ from .control_args import add_api_args, api_configured
 from . import control_failover as control_failover_cli
 from .control_failover import control_failover
 from . import retention_cmd
+from . import malloc_pin
 from . import azure_failover, key_cmd, master_target_cmd, push_install, reprotect_cmd
 from .points import GroupFailoverRefused, group_points, machine_points, point_group, resolve, resolve_group
 from .repo_args import add_repo_args, open_from_args
@@ -214,6 +215,7 @@ async def cmd_failover(args) -> int:
                             "to Azure comes with the configuration-server role")
     if not args.to and not args.to_azure:
         raise LifeboatError("name the target: --to PATH (a local image or directory) or --to-azure CONTAINER[/PREFIX]")
+    malloc_pin.pin_malloc()   # before the first frame buffer is allocated
     repo = await open_from_args(args)
     try:
         if args.to_azure:

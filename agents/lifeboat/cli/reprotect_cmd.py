@@ -6,16 +6,20 @@ import asyncio
 import functools
 import json
 
-import aiohttp
-
-from ..mobility.reprotect import Endpoint, ReprotectError, failback, reprotect
 from .control_args import add_api_args
+
+# aiohttp and the reprotect client are imported where used: every `lifeboat` command (a failover too)
+# parses this module's arguments, and aiohttp alone costs ~0.1 s of start-up.
 
 
 def _clear_errors(fn):
     """Network and file errors become one line naming what failed and what to check (no traceback)."""
     @functools.wraps(fn)
     async def wrapper(args) -> int:
+        import aiohttp
+
+        from ..mobility.reprotect import ReprotectError
+
         try:
             return await fn(args)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -32,7 +36,9 @@ def _token(path: str) -> str:
         return f.read().strip()
 
 
-def _endpoints(args) -> tuple[Endpoint, Endpoint | None]:
+def _endpoints(args):
+    from ..mobility.reprotect import Endpoint
+
     mt = Endpoint(args.master_target, args.ca_cert, _token(args.token_file))
     via = None
     if args.via:
@@ -47,6 +53,7 @@ def _bookmark_machine(args, disk: str) -> str:
 
 async def record_step(args, step: str) -> None:
     """With a management API configured, the control plane records the step (and may refuse it: nothing is sent)."""
+    from ..mobility.reprotect import ReprotectError
     from .control_args import api_configured, client_from_args
 
     if not api_configured(args):
@@ -63,6 +70,8 @@ async def record_step(args, step: str) -> None:
 
 @_clear_errors
 async def cmd_reprotect(args) -> int:
+    from ..mobility.reprotect import reprotect
+
     mt, via = _endpoints(args)
     await record_step(args, "reprotect")   # before a byte is sent: the on-prem machine must be off first
     disk = args.new_disk if args.alternate else args.disk
@@ -81,6 +90,8 @@ async def cmd_reprotect(args) -> int:
 
 @_clear_errors
 async def cmd_failback(args) -> int:
+    from ..mobility.reprotect import failback
+
     mt, via = _endpoints(args)
     if args.stage in ("prepare", "all"):
         await record_step(args, "prepare")

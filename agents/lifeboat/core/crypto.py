@@ -70,6 +70,30 @@ def open_sealed(key: bytes, sealed: bytes | memoryview, aad: bytes) -> bytes:
         raise AuthenticationFailed("authentication tag mismatch") from exc
 
 
+def open_sealed_into(key: bytes, sealed, aad: bytes, out) -> int:
+    """open_sealed() that decrypts straight into the writable buffer `out` (at least the plaintext's
+    length); returns the plaintext length. Raises AuthenticationFailed on any modification.
+
+    open_sealed() copies the record with bytes(), slices it twice more, and nacl.bindings copies the
+    cffi result again: four passes over every frame before zstd even sees it (failover's hot path).
+    """
+    from nacl._sodium import ffi, lib
+
+    if len(sealed) < NONCE_BYTES + TAG_BYTES:
+        raise AuthenticationFailed(f"sealed box of {len(sealed)} bytes is shorter than nonce + tag")
+    plain_len = len(sealed) - NONCE_BYTES - TAG_BYTES
+    if len(out) < plain_len:
+        raise ValueError(f"output buffer of {len(out)} bytes cannot hold {plain_len} bytes of plaintext")
+    src = ffi.from_buffer(sealed)
+    dst = ffi.from_buffer(out, require_writable=True)
+    mlen = ffi.new("unsigned long long *")
+    res = lib.crypto_aead_aegis256_decrypt(dst, mlen, ffi.NULL, src + NONCE_BYTES, plain_len + TAG_BYTES,
+                                           aad, len(aad), src, key)
+    if res != 0:
+        raise AuthenticationFailed("authentication tag mismatch")
+    return mlen[0]
+
+
 def derive_subkey(master: bytes, purpose: bytes) -> bytes:
     """Domain-separated subkey: keyed BLAKE2b(master, purpose)."""
     return sodium.crypto_generichash_blake2b_salt_personal(
