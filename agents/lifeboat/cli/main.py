@@ -28,7 +28,7 @@ from .control_args import add_api_args, api_configured
 from . import control_failover as control_failover_cli
 from .control_failover import control_failover
 from . import retention_cmd
-from . import malloc_pin
+from ..core import malloc as malloc_pin
 from . import azure_failover, key_cmd, master_target_cmd, push_install, reprotect_cmd
 from .points import GroupFailoverRefused, group_points, machine_points, point_group, resolve, resolve_group
 from .repo_args import add_repo_args, open_from_args

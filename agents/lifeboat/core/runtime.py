@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import dataclasses
 import gc
 import signal
@@ -16,25 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import sd_notify
-
-# glibc mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
-
-
-def pin_malloc() -> bool:
-    """Stop glibc returning ~1 MiB chunk buffers to the kernel after every chunk.
-
-    With dynamic thresholds each 1 MiB buffer is page-faulted in again; pinning them doubles
-    encrypt and upload throughput here (shared/PERF-LIMITS.md, "First: glibc malloc").
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-        ok &= libc.mallopt(_M_TRIM_THRESHOLD, 1024 * 1024 * 1024)
-        ok &= libc.mallopt(_M_ARENA_MAX, 2)
-        return bool(ok)
-    except (OSError, AttributeError):
-        return False
+from .malloc import pin_malloc
 
 
 def config_reloader(cls, path: str, identifier: str, current) -> Callable[[], None]:
