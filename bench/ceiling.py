@@ -6,7 +6,7 @@
   All-zero chunks are skipped, as Lifeboat sends them as zero frames: that makes the ceiling higher
   (stricter), not lower. Incompressible chunks stay raw when zstd does not shrink them (as Lifeboat).
 - restore: read those files back → decrypt → decompress → pwrite at the chunk's offset into a fresh
-  sparse image → fsync. No digest check (Lifeboat's materializer re-reads and checks the image).
+  sparse image → fsync. No digest check (Lifeboat's materializer also recomputes and checks the point's image digest).
 """
 
 from __future__ import annotations
