@@ -24,7 +24,7 @@ FRAMES_PER_TASK = 4
 # sealed records (about 2 × batch_bytes). Process server peak RSS with 8 agents × 512 MiB at once
 # (bench/scale.py): unbounded 275 MiB, 4 slots 239 MiB, 2 slots 145 MiB at the same aggregate
 # MB/s: the encode work is bound by the (2-thread) pool anyway.
-UPLOAD_SLOTS = 2
+UPLOAD_SLOTS = 3
 # Segments of one disk stored at once (within UPLOAD_SLOTS): encoding segment N+1 and uploading N+2
 # while N's upload waits on the storage round trips. Their catalog entries and uploaded_through are
 # still published strictly in seq order (drain.py).
