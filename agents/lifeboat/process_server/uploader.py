@@ -31,6 +31,17 @@ UPLOAD_SLOTS = 3
 UPLOAD_WINDOW = 3
 
 
+def stored_through(seqs: list[int]) -> int:
+    """The highest seq of a disk's log (sorted seqs) before its first gap: what the log proves stored.
+    With a window, segments after a failed one can be stored although it is not (0: an empty log)."""
+    last = seqs[0] - 1 if seqs else 0
+    for seq in seqs:
+        if seq != last + 1:
+            break
+        last = seq
+    return last
+
+
 @dataclass
 class StoredSegment:
     """What publishing a stored segment needs: its points and figures, not its data."""

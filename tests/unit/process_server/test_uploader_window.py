@@ -19,7 +19,7 @@ from lifeboat.core.errors import TransientBackendError
 from lifeboat.core.wire import BatchBuilder
 from lifeboat.process_server.cache import DiskCache
 from lifeboat.process_server.metrics import ProcessServerMetrics
-from lifeboat.process_server.uploader import DiskUploader
+from lifeboat.process_server.uploader import DiskUploader, stored_through
 from lifeboat.repository.azure import AzureBackend
 from lifeboat.repository.backend import Backend
 from lifeboat.repository.materialize import materialize
@@ -177,3 +177,13 @@ async def test_later_segments_stored_first_are_published_only_in_order(azurite, 
         pool.shutdown(wait=True)
         await real._client.delete_container()
         await real.close()
+
+
+def test_a_log_proves_stored_only_up_to_its_first_gap():
+    # A process server that lost its cache adopts the disk from the log: segments stored after a
+    # failed one (the window) must not count, or the agent would never resend the missing one.
+    assert stored_through([]) == 0
+    assert stored_through([1, 2, 3]) == 3
+    assert stored_through([1, 2, 4, 5]) == 2
+    assert stored_through([7, 8, 9]) == 9        # retention dropped 1..6: still contiguous
+    assert stored_through([7, 9]) == 7
