@@ -315,8 +315,11 @@ class AzureBackend(Backend):
     async def _put_whole(self, blob, name: str, parts: list[bytes], total: int) -> None:
         """One Put Blob: the service stores the whole body or nothing, and refuses it unless it
         matches the Content-MD5 we send (hashed off the event loop, as the blocks are)."""
-        data = b"".join(parts)
-        md5 = await asyncio.to_thread(_md5, data) if total >= MD5_IN_THREAD_MIN_BYTES else _md5(data)
+        def join_and_hash() -> tuple[bytes, bytes]:
+            joined = b"".join(parts)   # the SDK's single put takes one bytes object
+            return joined, _md5(joined)
+
+        data, md5 = await asyncio.to_thread(join_and_hash) if total >= MD5_IN_THREAD_MIN_BYTES else join_and_hash()
 
         async def call() -> None:
             await blob.upload_blob(data, length=total, overwrite=True, transactional_content_md5=md5)
