@@ -23,10 +23,11 @@ FRAMES_PER_TASK = 4
 # Segments being built and uploaded at once across all disks. Each holds its cached batch and its
 # sealed records (about 2 × batch_bytes). Process server peak RSS with 8 agents × 512 MiB at once
 # (bench/scale.py): unbounded 275 MiB, 4 slots 239 MiB, 2 slots 145 MiB at the same aggregate
-# MB/s: the encode work is bound by the (2-thread) pool anyway.
-UPLOAD_SLOTS = 3
-# Segments of one disk stored at once (within UPLOAD_SLOTS): encoding segment N+1 and uploading N+2
-# while N's upload waits on the storage round trips. Their catalog entries and uploaded_through are
+# MB/s: the encode work is bound by the (2-thread) pool anyway. With the window below, 3 slots gave
+# 154-199 MiB against 137-164 MiB for 2 (8 agents x 128 MiB) and no measurable gain to Azurite.
+UPLOAD_SLOTS = 2
+# Segments of one disk in flight at once: up to UPLOAD_SLOTS of them encode or upload (segment N+1
+# encodes while N waits on the storage round trip), the next is read and waiting for a slot. Their catalog entries and uploaded_through are
 # still published strictly in seq order (drain.py).
 UPLOAD_WINDOW = 3
 
