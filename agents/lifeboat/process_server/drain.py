@@ -1,5 +1,4 @@
-"""One disk's cached batches drained with up to `window` in flight, finished strictly in seq order, each
-retried with capped backoff until it succeeds."""
+"""One disk's cached batches drained with a window in flight, published strictly in seq order, retried with backoff."""
 
 from __future__ import annotations
 
@@ -93,7 +92,8 @@ class CacheDrainer:
                 _discard(inflight.pop(seq))
             for seq in pending[:self.window]:
                 if seq not in inflight:
-                    inflight[seq] = asyncio.create_task(self._store_in_slot(seq), name=f"{self.kind}-{self.disk_id}-{seq}")
+                    inflight[seq] = asyncio.create_task(self._store_in_slot(seq),
+                                                        name=f"{self.kind}-{self.disk_id}-{seq}")
             if not pending:
                 self.wakeup.clear()
                 await self.wakeup.wait()

@@ -27,8 +27,8 @@ FRAMES_PER_TASK = 4
 # 154-199 MiB against 137-164 MiB for 2 (8 agents x 128 MiB) and no measurable gain to Azurite.
 UPLOAD_SLOTS = 2
 # Segments of one disk in flight at once: up to UPLOAD_SLOTS of them encode or upload (segment N+1
-# encodes while N waits on the storage round trip), the next one waiting for a slot. Their catalog entries and uploaded_through are
-# still published strictly in seq order (drain.py).
+# encodes while N waits on the storage round trip), the next one waiting for a slot. Their catalog
+# entries and uploaded_through are still published strictly in seq order (drain.py).
 UPLOAD_WINDOW = 3
 
 

@@ -1,4 +1,4 @@
-"""Azure Blob Storage backend: block blobs staged in MD5-checked blocks and published by one commit."""
+"""Azure Blob Storage backend: block blobs sent whole or in staged blocks, MD5-checked, published in one step."""
 
 from __future__ import annotations
 
@@ -312,9 +312,11 @@ class AzureBackend(Backend):
         # token (no other writer's or earlier put's block can match), and the service accepted each
         # staged block only with the length and MD5 we sent. So a successful commit stores exactly
         # the concatenation of our blocks: `staged` bytes, checked above to be the `total` we were given.
+
     async def _put_whole(self, blob, name: str, parts: list[bytes], total: int) -> None:
         """One Put Blob: the service stores the whole body or nothing, and refuses it unless it
         matches the Content-MD5 we send (hashed off the event loop, as the blocks are)."""
+
         def join_and_hash() -> tuple[bytes, bytes]:
             joined = b"".join(parts)   # the SDK's single put takes one bytes object
             return joined, _md5(joined)

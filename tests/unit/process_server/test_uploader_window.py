@@ -134,8 +134,8 @@ async def test_later_segments_stored_first_are_published_only_in_order(azurite, 
         up = DiskUploader(DISK, cache, repo, pool, metrics, retry_max_seconds=0.5, window=3)
         up.start()
         # Segment 1 is published; 2 failed once and now hangs; 3 and 4 are stored meanwhile.
-        await until(lambda: gated.held.is_set() and {segment_name(DISK, 3), segment_name(DISK, 4)} <= set(gated.completed),
-                    "segments 3 and 4 stored while 2 hangs")
+        later = {segment_name(DISK, 3), segment_name(DISK, 4)}
+        await until(lambda: gated.held.is_set() and later <= set(gated.completed), "segments 3 and 4 stored while 2 hangs")
         await until(lambda: cache.uploaded_seq(DISK) == 1, "segment 1 published")
         await asyncio.sleep(0.2)   # give a wrongly ordered publish every chance to happen
         assert await catalog(repo) == ["p1"]
