@@ -298,11 +298,10 @@ class ScenarioRun:
                 pass
             self.storage_proxy.configure(1.0, ("503",))
             time.sleep(p["hold_seconds"])
+            while not self.cache_filled() and not self.replicated.wait(0.05):
+                pass  # uploads drained the cache before storage went away: hold until extra cycles fill it
             self.storage_proxy.heal()
-            # Landed only if the cache really filled: ENOSPC on the small filesystem, or the
-            # process server throttling senders above its high-water mark.
-            log = self.lab.log_path.read_text(errors="replace")
-            self.result.faults_applied += log.count("No space left on device") + log.count("process server throttling")
+            self.result.faults_applied += self.cache_filled()
         elif f == "clock_jump":
             for jump in p["jumps"]:
                 self.clock_file.write_text(jump + "\n")
@@ -310,6 +309,12 @@ class ScenarioRun:
                 if not self.sleep_unless_done(p["hold_seconds"]):
                     break
         # kill_agent is driven by replicate(): it restarts the agent itself
+
+    def cache_filled(self) -> int:
+        """Landed only if the cache really filled: ENOSPC on the small filesystem, or the process
+        server throttling senders above its high-water mark (how many times, from its log)."""
+        log = self.lab.log_path.read_text(errors="replace")
+        return log.count("No space left on device") + log.count("process server throttling")
 
     def stored_batches(self) -> float:
         try:
@@ -325,6 +330,8 @@ class ScenarioRun:
             return bool(self.storage_link.landed)   # else one more cycle uploads through the faulty link
         if self.sc.fault in ("kill_agent", "kill_process_server"):
             return self.result.faults_applied > 0
+        if self.sc.fault == "cache_full":
+            return self.cache_filled() > 0   # else one more cycle sends into the cache while storage is away
         return True  # storage and clock faults run on their own clock, uploads go on after the agent
 
     def kill_agent_at_random(self) -> bool:

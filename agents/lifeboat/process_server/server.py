@@ -20,7 +20,7 @@ from .cache import DiskCache
 from .forwarder import DiskForwarder, MasterTargetLink
 from .ingest import IngestService
 from .metrics import ProcessServerMetrics
-from .uploader import UPLOAD_SLOTS, DiskUploader
+from .uploader import UPLOAD_SLOTS, DiskUploader, stored_through
 
 logger = log.get("lifeboat.process_server")
 
@@ -166,6 +166,8 @@ class ProcessServer:
         else:
             assert self.repo is not None
             seqs = await self.repo.list_segments(disk)
+            through = stored_through(seqs)   # not past a gap left by the uploader's window
+            seqs = [s for s in seqs if s <= through]
         if not self.cache.known(disk):
             self.cache.adopt(disk, seqs[-1] if seqs else 0)
             if seqs:

@@ -1,4 +1,4 @@
-"""Azure Blob Storage backend: block blobs staged in MD5-checked blocks and published by one commit."""
+"""Azure Blob Storage backend: block blobs sent whole or in staged blocks, MD5-checked, published in one step."""
 
 from __future__ import annotations
 
@@ -40,6 +40,9 @@ MAX_BLOCK_SIZE_BYTES = 4 * 1024 * 1024
 # Blocks at least this big are hashed in a worker thread (hashlib releases the GIL): MD5 of a 4 MiB
 # block costs ~5 ms, which must not stall the event loop. Smaller ones are cheaper than the hop.
 MD5_IN_THREAD_MIN_BYTES = 64 * 1024
+# Objects up to this size go up as one Put Blob (with its Content-MD5): one round trip instead of
+# staging blocks and committing them, and still all or nothing. A segment of a 16 MiB batch fits.
+SINGLE_PUT_MAX_BYTES = 16 * 1024 * 1024
 # Blocks of one object staged at the same time; the process server runs several uploads in parallel too.
 UPLOAD_CONCURRENCY = 4
 
@@ -144,10 +147,11 @@ def iter_blocks(parts: Iterable[bytes | bytearray | memoryview], block_size: int
 class AzureBackend(Backend):
     """One Azure Blob container per repository; each object is one block blob.
 
-    put() stages the object as blocks of at most 4 MiB, each with its MD5, then commits the block
+    put() sends an object of at most SINGLE_PUT_MAX_BYTES as one Put Blob with its MD5; a bigger one
+    is staged as blocks of at most 4 MiB, each with its MD5, then published by committing the block
     list. Staged but uncommitted blocks are invisible to readers, and the commit replaces a previous
-    version in one step, so readers see the old object or the whole new one, never a part. After
-    the commit the blob's size is checked against the bytes sent.
+    version in one step, so readers see the old object or the whole new one, never a part. The
+    commit succeeds only if every block it lists was staged (with its length and MD5) by this put.
     """
 
     def __init__(
@@ -156,6 +160,7 @@ class AzureBackend(Backend):
         connection_string: str,
         *,
         block_size_bytes: int = BLOCK_SIZE_BYTES,
+        single_put_max_bytes: int = SINGLE_PUT_MAX_BYTES,
         upload_concurrency: int = UPLOAD_CONCURRENCY,
         retry_attempts: int = RETRY_ATTEMPTS,
         retry_base_seconds: float = RETRY_BASE_SECONDS,
@@ -167,11 +172,14 @@ class AzureBackend(Backend):
                               "letter or digit")
         if not 0 < block_size_bytes <= MAX_BLOCK_SIZE_BYTES:
             raise ValueError(f"block_size_bytes must be 1..{MAX_BLOCK_SIZE_BYTES}, not {block_size_bytes}")
+        if single_put_max_bytes < 0:
+            raise ValueError(f"single_put_max_bytes must be >= 0 (0: always stage blocks), not {single_put_max_bytes}")
         if upload_concurrency < 1 or retry_attempts < 1:
             raise ValueError("upload_concurrency and retry_attempts must be at least 1")
         self.container = container
         self.location = f"azure://{container}"
         self._block_size = block_size_bytes
+        self._single_put_max = single_put_max_bytes
         self._upload_concurrency = upload_concurrency
         self._retry_attempts = retry_attempts
         self._retry_base = retry_base_seconds
@@ -254,14 +262,19 @@ class AzureBackend(Backend):
     async def _upload(self, name: str, parts: list[bytes]) -> None:
         blob = self._client.get_blob_client(name)
         total = sum(len(memoryview(p).cast("B")) for p in parts)
+        if total <= self._single_put_max:
+            await self._put_whole(blob, name, parts, total)
+            return
         count = math.ceil(total / self._block_size)
         # One random token per put: two writers of the same name stage disjoint blocks, and the last
         # commit wins whole. All IDs have the same length, as Azure requires within one blob.
         token = uuid.uuid4().hex
         block_ids = [f"{token}{i:08x}" for i in range(count)]
         blocks = enumerate(iter_blocks(parts, self._block_size))
+        staged = 0
 
         async def stage_worker() -> None:
+            nonlocal staged
             # Workers share one iterator: each block is cut (and copied) only when a worker takes it,
             # so at most `upload_concurrency` blocks are copied at once.
             for index, data in blocks:
@@ -276,6 +289,7 @@ class AzureBackend(Backend):
                                            transactional_content_md5=md5)
 
                 await self._retry(f"stage block {index + 1}/{count} of", name, stage)
+                staged += len(data)
 
         if count:
             try:
@@ -285,19 +299,34 @@ class AzureBackend(Backend):
             except ExceptionGroup as eg:
                 raise eg.exceptions[0] from None
 
+        if staged != total:   # checked before the commit: a wrong cut publishes nothing
+            raise RepositoryError(f"{self.location}: put '{name}' staged {staged} bytes but was given {total}; "
+                                  "nothing was committed, put it again")
         # Commit is idempotent: a retry after a lost reply re-commits the same list (BlobBlock's
         # default state "Latest" finds the blocks among the committed ones).
         commit = functools.partial(blob.commit_block_list, [BlobBlock(block_id=b) for b in block_ids],
                                    validate_content=True)
-        committed = await self._retry("commit", name, commit)
+        await self._retry("commit", name, commit)
+        # No get_blob_properties round trip to check the size: the commit is the check. Put Block List
+        # fails (InvalidBlockList) unless every listed ID is staged, the IDs carry this put's random
+        # token (no other writer's or earlier put's block can match), and the service accepted each
+        # staged block only with the length and MD5 we sent. So a successful commit stores exactly
+        # the concatenation of our blocks: `staged` bytes, checked above to be the `total` we were given.
 
-        properties = await self._retry("check size of", name, blob.get_blob_properties)
-        if properties.etag != committed.get("etag"):
-            # Another writer replaced the object right after our commit; its put checks its own size.
-            logger.info("azure_put_superseded", OBJECT=name, CONTAINER=self.container)
-        elif properties.size != total:
-            raise RepositoryError(f"{self.location}: put '{name}' committed {properties.size} bytes but "
-                                  f"{total} were sent; the stored object is damaged, put it again")
+    async def _put_whole(self, blob, name: str, parts: list[bytes], total: int) -> None:
+        """One Put Blob: the service stores the whole body or nothing, and refuses it unless it
+        matches the Content-MD5 we send (hashed off the event loop, as the blocks are)."""
+
+        def join_and_hash() -> tuple[bytes, bytes]:
+            joined = b"".join(parts)   # the SDK's single put takes one bytes object
+            return joined, _md5(joined)
+
+        data, md5 = await asyncio.to_thread(join_and_hash) if total >= MD5_IN_THREAD_MIN_BYTES else join_and_hash()
+
+        async def call() -> None:
+            await blob.upload_blob(data, length=total, overwrite=True, transactional_content_md5=md5)
+
+        await self._retry("put", name, call)
 
     async def delete(self, name: str) -> None:
         blob = self._client.get_blob_client(check_name(name))

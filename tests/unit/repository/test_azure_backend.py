@@ -203,7 +203,9 @@ async def test_uncommitted_upload_is_invisible(az):
     assert not await az.exists("disks/d1/log/0000000002")
     with pytest.raises(ObjectNotFound):
         await az.get("disks/d1/log/0000000002")
-    # The abandoned blocks do not leak into a later put of the same name.
+    # The abandoned blocks do not leak into a later put of the same name (staged here: a Put Blob
+    # leaves them uncommitted for the service to collect, and its content is its body alone).
+    az._single_put_max = 0
     await az.put("disks/d1/log/0000000002", b"real")
     assert await az.get("disks/d1/log/0000000002") == b"real"
     committed, uncommitted = await blob.get_block_list("all")
@@ -212,6 +214,7 @@ async def test_uncommitted_upload_is_invisible(az):
 
 @pytest.mark.azurite
 async def test_nine_mib_object_is_three_blocks(az):
+    az._single_put_max = 0   # stage blocks, as for an object above SINGLE_PUT_MAX_BYTES
     data = bytes(range(256)) * (9 * MIB // 256)
     await az.put("checkpoints/c1", data)
     committed, _ = await az._client.get_blob_client("checkpoints/c1").get_block_list("committed")
@@ -232,6 +235,7 @@ async def test_container_created_on_first_put(az):
 @pytest.mark.azurite
 async def test_block_md5_is_checked_by_the_service(az, monkeypatch):
     await az.put("config", b"c")  # create the container
+    az._single_put_max = 0
     monkeypatch.setattr(azure, "_md5", lambda data: b"\0" * 16)
     with pytest.raises(RepositoryError, match="stage block 1/1 of 'points/p1'"):
         await az.put("points/p1", b"a block whose MD5 header is wrong")
@@ -239,17 +243,42 @@ async def test_block_md5_is_checked_by_the_service(az, monkeypatch):
 
 
 @pytest.mark.azurite
-async def test_size_check_after_commit(az, monkeypatch):
-    original = BlobClient.get_blob_properties
+async def test_single_put_md5_is_checked_by_the_service(az, monkeypatch):
+    await az.put("config", b"c")  # create the container
+    monkeypatch.setattr(azure, "_md5", lambda data: b"\0" * 16)
+    with pytest.raises(RepositoryError, match="put 'points/p1'"):
+        await az.put("points/p1", b"a whole object whose MD5 header is wrong")
+    assert await az.list() == ["config"]
 
-    async def short_properties(self, **kwargs):
-        properties = await original(self, **kwargs)
-        properties.size -= 1
-        return properties
 
-    monkeypatch.setattr(BlobClient, "get_blob_properties", short_properties)
-    with pytest.raises(RepositoryError, match=r"committed 4 bytes but 5 were sent"):
-        await az.put("points/p1", b"12345")
+@pytest.mark.azurite
+async def test_commit_refuses_a_block_that_was_not_staged(az, monkeypatch):
+    # No size check after the commit: the commit itself refuses a list naming a block the service
+    # does not hold, so a put whose block went missing fails instead of publishing a short object.
+    await az.put("config", b"c")  # create the container
+    original = BlobClient.stage_block
+    calls = []
+
+    async def lose_second(self, block_id, data, *args, **kwargs):
+        calls.append(block_id)
+        if len(calls) == 2:
+            return {}   # pretends to have staged it
+        return await original(self, block_id, data, *args, **kwargs)
+
+    monkeypatch.setattr(BlobClient, "stage_block", lose_second)
+    az._single_put_max = 0
+    with pytest.raises(RepositoryError, match="commit 'checkpoints/c1' failed: HTTP 400 InvalidBlockList"):
+        await az.put("checkpoints/c1", bytes(5 * MIB))
+    assert await az.list() == ["config"]
+
+
+@pytest.mark.azurite
+async def test_small_objects_are_one_put_blob(az):
+    data = bytes(range(256)) * (9 * MIB // 256)
+    await az.put("checkpoints/c1", data)
+    committed, uncommitted = await az._client.get_blob_client("checkpoints/c1").get_block_list("all")
+    assert committed == [] and uncommitted == []   # a Put Blob has no block list
+    assert await az.get("checkpoints/c1") == data
 
 
 @pytest.mark.azurite
@@ -267,6 +296,7 @@ async def test_transient_stage_failure_is_retried(az, monkeypatch):
 
     monkeypatch.setattr(BlobClient, "stage_block", flaky)
     az._upload_concurrency = 1
+    az._single_put_max = 0
     data = bytes(range(256)) * (5 * MIB // 256)
     await az.put("checkpoints/c1", data)
     assert len(calls) == 4 and calls[0] == calls[1] and calls[2] == calls[3]
