@@ -35,6 +35,9 @@ FLAT_GOAL = 1.25   # "flat": at 4L at most 25% slower than at L
 
 async def _materialize_seconds(repo, entry, target: str, want_sha: str) -> float:
     from lifeboat.repository.materialize import materialize
+    # Start from clean writeback: the previous step's dirty pages (a checkpoint build, the last image)
+    # would otherwise land in this failover's fsync and swing sub-second figures by 3x.
+    os.sync()
     t = time.perf_counter()
     await materialize(repo, entry, target, overwrite=True)
     seconds = time.perf_counter() - t

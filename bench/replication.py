@@ -27,7 +27,7 @@ class Replication:
     agent_seconds: float    # agent ready → agent exit (every batch acknowledged)
     startup_seconds: float  # agent process start → agent ready (imports, TLS, reconcile with the PS)
     ps_hwm_mib: float       # process server VmHWM after the run
-    agent_hwm_mib: float    # agent peak RSS (VmHWM samples and ru_maxrss)
+    agent_hwm_mib: float    # agent peak RSS (VmHWM samples)
     stored_bytes: float     # lifeboat_ps_upload_stored_bytes_total
 
 
@@ -66,7 +66,9 @@ def _run_agent_until_point(lab: Lab, image: str, timeout: float, before: float):
         if time.monotonic() > deadline:
             raise RuntimeError(f"no point after {timeout:.0f} s; see {lab.log_path}")
         time.sleep(POLL_SECONDS)
-    agent_hwm = max(ag_s.hwm_kib, ru.ru_maxrss) / 1024
+    # VmHWM of the agent's own address space, sampled every 50 ms. Not ru_maxrss: Linux folds the
+    # forked copy of the parent (this bench process) into it at exec, so it reports the bench's RSS.
+    agent_hwm = ag_s.hwm_kib / 1024
     startup = agents_ready_wall(lab, {MACHINE}, wall0 - 0.01)[MACHINE] - wall0
     return t0, t_point - t0, t_exit - t0, agent_hwm, metrics, startup
 

@@ -131,7 +131,7 @@ def replicate(lab: Lab, agents: dict[str, dict[str, str]], timeout: float) -> Ru
             pid, status, ru = os.wait4(p.pid, os.WNOHANG)
             if pid:
                 p.returncode = os.waitstatus_to_exitcode(status)
-                peaks[m] = max(samplers[m].hwm_kib, ru.ru_maxrss) / 1024
+                peaks[m] = samplers[m].hwm_kib / 1024   # not ru_maxrss: see replication.py
                 del running[m]
                 if p.returncode != 0:
                     raise RuntimeError(f"agent {m} exited with {p.returncode}; see {lab.log_path}")
