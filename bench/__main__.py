@@ -23,7 +23,7 @@ import traceback
 from . import ceiling, replication, scale
 from . import failover_log_growth
 from .common import AGENT_POOL_BYTES, MB, MiB, Row, format_table, median, not_measured, read_through
-from .initial_replication import generate_image, parse_size, sha256
+from .initial_replication import generate_image, parse_size, settle, sha256
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RATIO_GOAL = 0.70
@@ -110,8 +110,10 @@ def rto_at(work: str, image: str, big: int, key: bytes, timeout: float) -> tuple
     try:
         read_through(src)
         ceiling.replicate(src, seg_dir, key)
+        settle()
         seconds = replication.failover(rep.lab, target, src_sha)
         replication.drop_target(target)
+        settle()
         ceil_s = ceiling.restore(seg_dir, target, big, key)
         if sha256(target) != src_sha:
             raise RuntimeError("the ceiling's 4 GiB restore differs from the source: the reference is wrong")
@@ -180,8 +182,10 @@ def run(args, size: int, reps: int, work: str) -> list[Row]:
                 f"after {rep.startup_seconds:.2f} s of start-up; agent exit {rep.agent_seconds:.2f} s), ceiling {ceil_rep[-1]:.0f} MB/s; peak RSS PS {rep.ps_hwm_mib:.0f} MiB, "
                 f"agent {rep.agent_hwm_mib:.0f} MiB")
             check = i == 0  # prove both restores right once; later repetitions are timed only
+            settle()
             lb_fo.append(size / replication.failover(rep.lab, target, src_sha if check else None) / MB)
             replication.drop_target(target)
+            settle()
             ceil_fo.append(size / ceiling.restore(seg_dir, target, size, key) / MB)
             if check and sha256(target) != src_sha:
                 raise RuntimeError("the ceiling's restore differs from the source: the reference is wrong")
