@@ -179,3 +179,28 @@ def test_full_cache_throttles_with_503_and_recovers_without_loss(lab, tmp_path):
     assert lab.failover(point["point_id"], out).returncode == 0
     assert sha256_file(out) == source
     assert "process server throttling" in lab.log_path.read_text()
+
+
+def test_a_stalled_tls_handshake_is_closed_by_the_server(lab):
+    """A peer that sends the start of a TLS record and then waits holds no socket for long: the ingest
+    bounds the handshake (core/runtime.TLS_HANDSHAKE_TIMEOUT_SECONDS, 10 s; asyncio's default is 60 s)."""
+    import socket
+
+    lab.start_ps()
+    with socket.create_connection(("127.0.0.1", lab.ps_port), timeout=5) as s:
+        s.sendall(b"\x16\x03\x01\x02\x00\x01")   # a handshake record header announcing 512 bytes, then 1 byte
+        s.settimeout(45)
+        t0 = time.monotonic()
+        try:
+            data = s.recv(4096)
+        except ConnectionResetError:
+            data = b""
+        waited = time.monotonic() - t0
+    assert data == b"" or data[:1] == b"\x15", data[:16]   # closed (or a TLS alert), never held open
+    assert waited < 40, f"the server held a stalled handshake for {waited:.0f} s"
+    # The ingest still serves a real client afterwards.
+    ctx = ssl.create_default_context(cafile=lab.init["ca_cert"])
+    conn = http.client.HTTPSConnection("127.0.0.1", lab.ps_port, context=ctx, timeout=30)
+    conn.request("GET", "/api/v1/health")
+    assert conn.getresponse().status in (200, 401, 404)
+    conn.close()

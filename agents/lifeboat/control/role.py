@@ -13,6 +13,7 @@ from ..core import logging as log
 from ..core import tls
 from ..core.config import ProcessServerConfig, resolve_credential
 from ..core.errors import ConfigError
+from ..core.runtime import TLSSite
 from . import auth
 from . import inventory as inv
 from .api import ControlContext, build_app
@@ -103,7 +104,7 @@ class ControlRole:
         await self.runner.setup()
         ssl_ctx = tls.server_context(resolve_credential(cc.tls_cert or self.config.ingest.tls_cert),
                                      resolve_credential(cc.tls_key or self.config.ingest.tls_key))
-        site = web.TCPSite(self.runner, cc.host, cc.port, ssl_context=ssl_ctx)
+        site = TLSSite(self.runner, cc.host, cc.port, ssl_context=ssl_ctx)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         from .retention_task import RetentionTask

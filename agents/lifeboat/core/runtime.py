@@ -93,6 +93,27 @@ def run(main: Callable[[asyncio.Event], Awaitable[int]], reload: Callable[[], No
         return runner.run(wrapper())
 
 
+# A TLS client must finish its handshake within this: a peer that sends a partial record (or nothing)
+# and waits would otherwise hold its socket for asyncio's default of 60 s.
+TLS_HANDSHAKE_TIMEOUT_SECONDS = 10.0
+
+
+class TLSSite(web.TCPSite):
+    """web.TCPSite whose TLS handshake is bounded (TCPSite itself passes no ssl_handshake_timeout)."""
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, ssl_context,
+                 handshake_timeout: float = TLS_HANDSHAKE_TIMEOUT_SECONDS) -> None:
+        super().__init__(runner, host, port, ssl_context=ssl_context)
+        self._handshake_timeout = handshake_timeout
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)   # registers the site with its runner; TCPSite.start would bind too
+        self._server = await asyncio.get_running_loop().create_server(
+            self._runner.server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
+            reuse_address=self._reuse_address, reuse_port=self._reuse_port,
+            ssl_handshake_timeout=self._handshake_timeout)
+
+
 async def start_metrics_server(registry: CollectorRegistry, host: str, port: int,
                                healthy: Callable[[], tuple[bool, dict]]) -> tuple[web.AppRunner, int]:
     """Serve /metrics (Prometheus text) and /healthz on their own port; returns (runner, bound port)."""

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from ..core import logging as log
 from ..core import tls
 from ..core.config import MasterTargetConfig, resolve_credential
-from ..core.runtime import start_metrics_server
+from ..core.runtime import TLSSite, start_metrics_server
 from .journal import Journal
 from .metrics import MasterTargetMetrics
 from ..core.http_reject import BodyLimits
@@ -125,7 +125,7 @@ class MasterTarget:
         runner = web.AppRunner(receiver.app(), access_log=None, handle_signals=False)
         await runner.setup()
         ssl_ctx = tls.server_context(resolve_credential(cfg.ingest.tls_cert), resolve_credential(cfg.ingest.tls_key))
-        site = web.TCPSite(runner, cfg.ingest.host, cfg.ingest.port, ssl_context=ssl_ctx)
+        site = TLSSite(runner, cfg.ingest.host, cfg.ingest.port, ssl_context=ssl_ctx)
         await site.start()
         self.data_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self._runners.append(runner)

@@ -12,7 +12,7 @@ from ..core import logging as log
 from ..core import tls
 from ..core.config import ProcessServerConfig, resolve_credential
 from ..core.errors import ConfigError
-from ..core.runtime import start_metrics_server
+from ..core.runtime import TLSSite, start_metrics_server
 from ..core.watchdog import StallDetector
 from ..repository.open import open_repository
 from ..repository.repo import Repository
@@ -93,7 +93,7 @@ class ProcessServer:
         runner = web.AppRunner(ingest.app(), access_log=None, handle_signals=False)
         await runner.setup()
         ssl_ctx = tls.server_context(resolve_credential(cfg.ingest.tls_cert), resolve_credential(cfg.ingest.tls_key))
-        site = web.TCPSite(runner, cfg.ingest.host, cfg.ingest.port, ssl_context=ssl_ctx)
+        site = TLSSite(runner, cfg.ingest.host, cfg.ingest.port, ssl_context=ssl_ctx)
         await site.start()
         self.ingest_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self._runners.append(runner)
