@@ -428,10 +428,13 @@ class ScenarioRun:
         out = self.work / "recovered.img"
         for p in points:
             oracle = oracle_dir / f"{p['point_id']}.sha256"
-            if oracle.exists():
+            if p["point_id"] not in res.acknowledged and self.orphan_oracles:
+                # A killed agent's last point: the image it left, paused since its pre script. Its post
+                # script may outlive it and hash the image after kill_agent_at_random() resumed the
+                # writer, so an oracle file for this point may be torn: the image at the kill counts.
+                wanted = set(self.orphan_oracles) | ({oracle.read_text().strip()} if oracle.exists() else set())
+            elif oracle.exists():
                 wanted = {oracle.read_text().strip()}
-            elif p["point_id"] not in res.acknowledged and self.orphan_oracles:
-                wanted = set(self.orphan_oracles)  # a killed agent's last point: the image it left
             else:
                 res.errors.append(f"point {p['point_id']} has no source oracle")
                 continue
